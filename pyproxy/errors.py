@@ -47,6 +47,11 @@ class MethodNotAllowed(BadRequest):
     status = 405
 
 
+class VersionNotSupported(BadRequest):
+    """RFC 9110 §15.6.6: only HTTP/1.0 and HTTP/1.1 are spoken here."""
+    status = 505
+
+
 # --- the upstream's fault (5xx) ---
 
 class UpstreamError(ProxyError):

@@ -95,9 +95,8 @@ class Handler:
     async def handle(
         self, client: ClientConnection, request: h11.Request, body: RequestBody, framing: RequestFraming
     ) -> None:
-        exchange: Optional[Exchange] = None
         try:
-            exchange = await self._relay(client, request, body, framing)
+            await self._relay(client, request, body, framing)
         except (asyncio.CancelledError, ClientGone):
             pass
         except ProxyError as exc:
@@ -107,14 +106,10 @@ class Handler:
         except Exception:  # pragma: no cover - a bug; the client still gets an answer
             log.exception("unexpected error while proxying")
             client.send_error(ProxyError("internal proxy error"))
-        finally:
-            if exchange is not None and not exchange.finished:
-                exchange.finished = True
-                exchange.conn.detach()
 
     async def _relay(
         self, client: ClientConnection, request: h11.Request, body: RequestBody, framing: RequestFraming
-    ) -> Optional[Exchange]:
+    ) -> None:
         target = to_origin_form(request.target)
         if self.prefix:
             target = self.prefix + (target if target != b"*" else b"/")
@@ -142,11 +137,15 @@ class Handler:
                     conn.send_body_chunks(replay)
                 await self._pump_body(conn, exchange, body, replay)
                 await exchange.done
-                return exchange
-            except UpstreamDisconnected as exc:
+                return
+            except BaseException as exc:
+                # Whatever went wrong, an unfinished upstream exchange must not
+                # be left half-sent on a connection that could be reused.
                 if not exchange.finished:
                     exchange.finished = True
                     conn.detach()
+                if not isinstance(exc, UpstreamDisconnected):
+                    raise
                 if retried or exchange.response_started or not exc.reused:
                     raise
                 # A reused keep-alive connection died before answering: the

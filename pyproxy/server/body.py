@@ -98,7 +98,7 @@ class RequestBody:
         is rejected before anything is sent upstream."""
         while not self.started:
             await self._wait()
-        if self._error is not None and not self._chunks:
+        if self._error is not None:
             raise self._error
 
     async def read(self) -> Optional[List[bytes]]:

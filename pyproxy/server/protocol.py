@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import h11
 
-from pyproxy.errors import BadRequest, BodyTooLarge, HeadersTooLarge, MethodNotAllowed, ProxyError, error_response_parts
+from pyproxy.errors import (
+    BadRequest,
+    BodyTooLarge,
+    HeadersTooLarge,
+    MethodNotAllowed,
+    ProxyError,
+    VersionNotSupported,
+    error_response_parts,
+)
 from pyproxy.http.headers import request_framing
 from pyproxy.server.body import RequestBody
 from pyproxy.server.flow import BODY_BUFFER_FULL, PIPELINE_WAIT, ReadGate
@@ -37,6 +45,7 @@ _PAUSED = h11.PAUSED
 _DONE = h11.DONE
 _END = _EndOfMessage()
 _CLOSE_HEADER = (b"connection", b"close")
+_SUPPORTED_VERSIONS = frozenset({b"1.1", b"1.0"})
 
 
 class ClientGone(Exception):
@@ -193,6 +202,15 @@ class ClientConnection(asyncio.Protocol):
 
     def _on_request(self, request: h11.Request) -> None:
         try:
+            if request.http_version not in _SUPPORTED_VERSIONS:
+                raise VersionNotSupported(f"HTTP/{request.http_version.decode()} is not supported")
+            # h11 bounds only a head that arrives in pieces; one that arrives
+            # whole is measured here, so the limit holds either way.
+            head_size = len(request.target) + len(request.method) + 14
+            for name, value in request.headers:
+                head_size += len(name) + len(value) + 4
+            if head_size > self.proxy.settings.max_header_size:
+                raise HeadersTooLarge(f"request head is larger than {self.proxy.settings.max_header_size} bytes")
             if request.method == b"CONNECT":
                 raise MethodNotAllowed("CONNECT is not supported by a reverse proxy")
             framing = request_framing(request.headers)
