@@ -23,8 +23,11 @@ TEST_TIMEOUT = 60.0
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if inspect.iscoroutinefunction(metafunc.function):
-        metafunc.fixturenames.append("loop_impl")
-        metafunc.parametrize("loop_impl", LOOPS, ids=LOOPS, indirect=True)
+        only = metafunc.definition.get_closest_marker("loops")
+        loops = [name for name in LOOPS if only is None or name in only.args]
+        if "loop_impl" not in metafunc.fixturenames:
+            metafunc.fixturenames.append("loop_impl")
+        metafunc.parametrize("loop_impl", loops, ids=loops, indirect=True)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -32,7 +35,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Any:
     func = pyfuncitem.obj
     if not inspect.iscoroutinefunction(func):
         return None
-    kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames if name != "loop_impl"}
+    kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
     loop = new_event_loop(pyfuncitem.callspec.params["loop_impl"])
     errors: List[Any] = []
     loop.set_exception_handler(lambda _loop, context: errors.append(context))

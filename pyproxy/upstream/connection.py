@@ -92,6 +92,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_write_gate",
         "_timer",
         "_reading_paused",
+        "_eof",
     )
 
     def __init__(self, pool: "ConnectionPool", loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
@@ -110,6 +111,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._write_gate = WriteGate(loop)
         self._timer: Optional[asyncio.TimerHandle] = None
         self._reading_paused = False
+        self._eof = False
 
     # --- asyncio callbacks ---------------------------------------------------
 
@@ -138,6 +140,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return False
         # A close-delimited body ends here (RFC 9112 §6.3 ¶8); h11 decides.
+        self._eof = True
         try:
             self.h11.receive_data(b"")
         except h11.RemoteProtocolError:  # pragma: no cover
@@ -151,15 +154,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._cancel_timer()
         self._write_gate.release_with(ConnectionResetError("upstream connection lost"))
         if self.listener is not None:
-            self._fail(
-                UpstreamDisconnected(
-                    "upstream closed the connection before completing the response"
-                    if self.response_started
-                    else "upstream closed the connection without a response",
-                    request_sent=self.request_sent,
-                    reused=self.requests_started > 1,
-                )
-            )
+            self._fail(self._disconnected())
         if previous != CLOSED:
             self.pool.on_connection_closed(self)
 
@@ -177,7 +172,12 @@ class UpstreamConnection(asyncio.Protocol):
             try:
                 event: Any = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                self._fail(UpstreamProtocolError(f"invalid response from upstream: {exc}"))
+                if conn.their_state is h11.ERROR and self._eof:
+                    # EOF where a response (or the rest of one) was due: the
+                    # upstream went away, it did not speak bad HTTP.
+                    self._fail(self._disconnected())
+                else:
+                    self._fail(UpstreamProtocolError(f"invalid response from upstream: {exc}"))
                 return
             kind = type(event)
             if kind is _Data:
@@ -193,14 +193,17 @@ class UpstreamConnection(asyncio.Protocol):
             elif kind is _InformationalResponse:
                 continue  # 1xx (RFC 9110 §15.2): not relayed; 100-continue is answered by us
             else:  # ConnectionClosed before the end: truncation
-                self._fail(
-                    UpstreamDisconnected(
-                        "upstream closed the connection mid-response",
-                        request_sent=True,
-                        reused=self.requests_started > 1,
-                    )
-                )
+                self._fail(self._disconnected())
                 return
+
+    def _disconnected(self) -> UpstreamDisconnected:
+        return UpstreamDisconnected(
+            "upstream closed the connection before completing the response"
+            if self.response_started
+            else "upstream closed the connection without a response",
+            request_sent=self.request_sent,
+            reused=self.requests_started > 1,
+        )
 
     def _response_complete(self) -> None:
         listener = self.listener

@@ -59,7 +59,12 @@ class Client:
         await self.close()
 
     async def send_request(
-        self, method: bytes, target: bytes, headers: Iterable[Tuple[bytes, bytes]] = (), body: bytes = b""
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Iterable[Tuple[bytes, bytes]] = (),
+        body: bytes = b"",
+        end: bool = True,
     ) -> None:
         hdrs = [(b"host", b"proxy.test")] + list(headers)
         if body and not any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in hdrs):
@@ -67,7 +72,8 @@ class Client:
         self.writer.write(self.conn.send(h11.Request(method=method, target=target, headers=hdrs)))
         if body:
             self.writer.write(self.conn.send(h11.Data(data=body)))
-        self.writer.write(self.conn.send(h11.EndOfMessage()))
+        if end:
+            self.writer.write(self.conn.send(h11.EndOfMessage()))
         await self.writer.drain()
 
     async def next_event(self) -> Any:

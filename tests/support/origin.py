@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 import h11
 
@@ -91,8 +91,9 @@ def pattern_bytes(size: int) -> bytes:
 
 
 class Origin:
-    def __init__(self, *, idle_close_after: Optional[float] = None) -> None:
+    def __init__(self, *, idle_close_after: Optional[float] = None, ssl: Optional[Any] = None) -> None:
         self.idle_close_after = idle_close_after
+        self.ssl = ssl
         self.requests: List[Received] = []
         self.connections: List[OriginConnection] = []
         self.routes: Dict[bytes, Route] = {}
@@ -104,7 +105,7 @@ class Origin:
     # --- lifecycle ---
 
     async def __aenter__(self) -> "Origin":
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -122,7 +123,7 @@ class Origin:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def raw_received(self) -> bytes:
@@ -176,10 +177,28 @@ class Origin:
                 self.request_seen.set()
                 path = request.target.split(b"?")[0]
                 route = self.routes.get(path)
-                if route is None:
-                    await reply.full(404, b'{"error":"no route"}')
+                # Watch for the peer closing while the route runs, so a test
+                # sees the moment the proxy dropped us, not our next write.
+                watcher = asyncio.ensure_future(reader.read(65536))
+                watcher.add_done_callback(lambda fut: self._watch(fut, record))
+                try:
+                    if route is None:
+                        await reply.full(404, b'{"error":"no route"}')
+                    else:
+                        await route(received, reply)
+                finally:
+                    if not watcher.done():
+                        watcher.cancel()
+                        await asyncio.gather(watcher, return_exceptions=True)
+                if watcher.cancelled() or watcher.exception() is not None:
+                    if not watcher.cancelled():
+                        return
+                elif watcher.result() == b"":
+                    return
                 else:
-                    await route(received, reply)
+                    early = watcher.result()
+                    record.raw.extend(early)
+                    conn.receive_data(early)
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return
                 if conn.our_state is not h11.DONE:
@@ -190,13 +209,23 @@ class Origin:
         except asyncio.CancelledError:
             return  # origin shutting down; asyncio's server callback must not see it
         finally:
-            record.closed_at = time.monotonic()
+            if record.closed_at is None:
+                record.closed_at = time.monotonic()
             record.closed.set()
             writer.close()
             try:
                 await writer.wait_closed()
             except (ConnectionError, asyncio.CancelledError):
                 pass
+
+    @staticmethod
+    def _watch(fut: "asyncio.Future[bytes]", record: OriginConnection) -> None:
+        if fut.cancelled():
+            return
+        if fut.exception() is not None or fut.result() == b"":
+            if record.closed_at is None:
+                record.closed_at = time.monotonic()
+            record.closed.set()
 
     def add_default_routes(self) -> None:
         @self.route(b"/v1/models")
@@ -222,6 +251,23 @@ class Origin:
             view = memoryview(payload)
             for start in range(0, size, 65536):
                 await reply.data(bytes(view[start : start + 65536]))
+            await reply.end()
+
+        @self.route(b"/sse")
+        async def sse(req: Received, reply: Reply) -> None:
+            """``/sse?n=N&interval=S``: N events, each carrying its send time."""
+            query = dict(
+                part.split(b"=", 1) for part in req.target.partition(b"?")[2].split(b"&") if b"=" in part
+            )
+            count = int(query.get(b"n", b"5"))
+            interval = float(query.get(b"interval", b"0.01"))
+            await reply.head(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")])
+            for i in range(count):
+                event = {"i": i, "sent": time.monotonic()}
+                await reply.data(b"data: " + json.dumps(event).encode() + b"\n\n")
+                if i + 1 < count:
+                    await asyncio.sleep(interval)
+            await reply.data(b"data: [DONE]\n\n")
             await reply.end()
 
         @self.route(b"/chunked")
