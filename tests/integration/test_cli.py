@@ -1,0 +1,196 @@
+"""The command line as a user runs it: ``<python> -m pyproxy`` in a subprocess."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+
+from tests.support.client import Client
+from tests.support.origin import MODELS_BODY, Origin
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYPROXY_") and not k.startswith("HTTP_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+def run_cli(args: List[str], extra_env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pyproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(extra_env),
+        cwd=str(ROOT),
+    )
+
+
+BAD_OPTIONS: Dict[str, Tuple[List[str], Dict[str, str], str]] = {
+    "missing_upstream": ([], {}, "--upstream is required"),
+    "bad_timeout": (["--upstream", "http://127.0.0.1:1", "--read-timeout", "abc"], {}, "--read-timeout"),
+    "negative_timeout": (["--upstream", "http://127.0.0.1:1", "--connect-timeout", "-1"], {}, "--connect-timeout"),
+    "bad_listen": (["--upstream", "http://127.0.0.1:1", "--listen", "nonsense"], {}, "--listen"),
+    "bad_scheme": (["--upstream", "ftp://example"], {}, "--upstream"),
+    "zero_pool": (["--upstream", "http://127.0.0.1:1", "--pool-connections", "0"], {}, "--pool-connections"),
+    "keepalive_over_pool": (
+        ["--upstream", "http://127.0.0.1:1", "--pool-connections", "2", "--keepalive-connections", "5"],
+        {},
+        "--keepalive-connections",
+    ),
+    "bad_loop": (["--upstream", "http://127.0.0.1:1", "--loop", "trio"], {}, "--loop"),
+    "unknown_flag": (["--upstream", "http://127.0.0.1:1", "--frobnicate"], {}, "unrecognized arguments"),
+    "missing_ca": (["--upstream", "https://127.0.0.1:1", "--upstream-ca", "/nonexistent/ca.pem"], {}, "--upstream-ca"),
+    "bad_env": (["--upstream", "http://127.0.0.1:1"], {"PYPROXY_READ_TIMEOUT": "soon"}, "PYPROXY_READ_TIMEOUT"),
+    "bad_env_alias": (["--upstream", "http://127.0.0.1:1"], {"HTTP_POOL_CONNECTIONS": "many"}, "HTTP_POOL_CONNECTIONS"),
+    "missing_config": (["--config", "/nonexistent/pyproxy.toml"], {}, "--config"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
+def test_wrong_option_is_one_line_and_exit_2(case: str) -> None:
+    args, env, needle = BAD_OPTIONS[case]
+    result = run_cli(args, env)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("pyproxy: error:") and needle in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "pyproxy.toml"
+    config.write_text('upstream = "http://127.0.0.1:1"\nread_timeout = "later"\n')
+    result = run_cli(["--config", str(config)])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "read_timeout in" in result.stderr
+    config.write_text('upstream = "http://127.0.0.1:1"\nno_such_setting = 1\n')
+    result = run_cli(["--config", str(config)])
+    assert result.returncode == 2 and "unknown setting 'no_such_setting'" in result.stderr
+    config.write_text("this is = not toml [")
+    result = run_cli(["--config", str(config)])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_loop_uvloop_without_uvloop_is_exit_2() -> None:
+    """As on PyPy, where uvloop never installs; on CPython uvloop is hidden from the import."""
+    code = (
+        "import sys; sys.modules['uvloop'] = None; from pyproxy.cli import main; "
+        "sys.exit(main(['--upstream', 'http://127.0.0.1:1', '--loop', 'uvloop']))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_env(), cwd=str(ROOT))
+    assert result.returncode == 2 and "uvloop is not installed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_listen_port_in_use_is_exit_2() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = run_cli(["--upstream", "http://127.0.0.1:1", "--listen", f"127.0.0.1:{port}"])
+    assert result.returncode == 2, result
+    assert len(result.stderr.strip().splitlines()) == 1 and "--listen" in result.stderr
+
+
+def test_help_lists_every_option() -> None:
+    result = run_cli(["--help"])
+    assert result.returncode == 0
+    for flag in ("--listen", "--upstream", "--connect-timeout", "--read-timeout", "--pool-connections",
+                 "--keepalive-connections", "--keepalive-expiry", "--max-body-size", "--max-header-size",
+                 "--upstream-ca", "--loop", "--config", "--log-level", "HTTP_POOL_CONNECTIONS"):
+        assert flag in result.stdout, flag
+
+
+class RunningCLI:
+    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+        self.process = process
+        self.port = port
+        self.log: List[str] = []
+
+    async def wait_for_log(self, needle: str, timeout: float = 10.0) -> None:
+        assert self.process.stderr is not None
+        while not any(needle in line for line in self.log):
+            line = await asyncio.wait_for(self.process.stderr.readline(), timeout)
+            if not line:
+                raise AssertionError(f"process ended before logging {needle!r}: {self.log}")
+            self.log.append(line.decode())
+
+
+async def start_cli(*args: str) -> RunningCLI:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pyproxy", "--listen", "127.0.0.1:0", *args,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=_env(), cwd=str(ROOT),
+    )
+    assert process.stderr is not None
+    log: List[str] = []
+    while True:
+        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+        if not line:
+            raise AssertionError(f"pyproxy did not start: {log}")
+        log.append(line)
+        match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+        if match:
+            running = RunningCLI(process, int(match.group(1)))
+            running.log = log
+            return running
+
+
+async def test_serves_then_drains_in_flight_stream_on_sigterm() -> None:
+    async with Origin() as origin:
+        cli = await start_cli("--upstream", origin.url, "--drain-timeout", "20")
+        try:
+            async with await Client.connect(cli.port) as client:
+                assert (await client.request(b"GET", b"/v1/models")).body == MODELS_BODY
+            streaming = await Client.connect(cli.port)
+            await streaming.send_request(b"GET", b"/sse?n=10&interval=0.05")
+            head = await streaming.read_head()
+            assert head.status_code == 200
+            cli.process.send_signal(signal.SIGTERM)
+            await cli.wait_for_log("shutting down")
+            with pytest.raises(OSError):  # no longer accepting
+                await Client.connect(cli.port)
+            chunks = []
+            while True:
+                event = await streaming.next_event()
+                if type(event).__name__ == "Data":
+                    chunks.append(event.data)
+                else:
+                    assert type(event).__name__ == "EndOfMessage"
+                    break
+            await streaming.close()
+            assert b"".join(chunks).count(b"data: ") == 11  # the whole stream, [DONE] included
+            assert await asyncio.wait_for(cli.process.wait(), 20) == 0
+        finally:
+            if cli.process.returncode is None:
+                cli.process.kill()
+                await cli.process.wait()
+
+
+async def test_drain_timeout_bounds_shutdown_and_truncates() -> None:
+    async with Origin() as origin:
+        cli = await start_cli("--upstream", origin.url, "--drain-timeout", "0.3")
+        try:
+            streaming = await Client.connect(cli.port)
+            await streaming.send_request(b"GET", b"/sse?n=100&interval=0.1")
+            assert (await streaming.read_head()).status_code == 200
+            cli.process.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(cli.process.wait(), 10) == 0
+            response_rest = await asyncio.wait_for(streaming.reader.read(), 5)
+            assert b"0\r\n\r\n" not in response_rest  # never completed
+            await streaming.close()
+        finally:
+            if cli.process.returncode is None:
+                cli.process.kill()
+                await cli.process.wait()

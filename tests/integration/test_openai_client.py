@@ -1,0 +1,72 @@
+"""A real client nobody here wrote: the official ``openai`` package through pyproxy."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, List
+
+import pytest
+
+from tests.support.client import running_proxy
+from tests.support.origin import Origin, Received, Reply
+
+openai = pytest.importorskip("openai", reason="the openai package does not install on this interpreter")
+
+COMPLETION = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "gpt-test",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there!"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+}
+WORDS = ["Hel", "lo", " there", "!"]
+
+
+def _add_chat_route(origin: Origin) -> None:
+    @origin.route(b"/v1/chat/completions")
+    async def chat(req: Received, reply: Reply) -> None:
+        body = json.loads(req.body)
+        if not body.get("stream"):
+            await reply.full(200, json.dumps(COMPLETION).encode())
+            return
+        await reply.head(200, [(b"content-type", b"text/event-stream")])
+        for i, word in enumerate(WORDS):
+            chunk = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "gpt-test",
+                "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}],
+            }
+            await reply.data(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await asyncio.sleep(0.01)
+        await reply.data(b"data: [DONE]\n\n")
+        await reply.end()
+
+
+async def test_openai_package_models_chat_and_stream() -> None:
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        _add_chat_route(origin)
+
+        def use_openai() -> List[Any]:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy.port}/v1", api_key="sk-test", max_retries=0)
+            try:
+                models = [m.id for m in client.models.list()]
+                completion = client.chat.completions.create(
+                    model="gpt-test", messages=[{"role": "user", "content": "hi"}]
+                )
+                stream = client.chat.completions.create(
+                    model="gpt-test", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices[0].delta.content]
+                return [models, completion.choices[0].message.content, pieces]
+            finally:
+                client.close()
+
+        models, content, pieces = await asyncio.get_running_loop().run_in_executor(None, use_openai)
+        assert models == ["gpt-test"]
+        assert content == "Hello there!"
+        assert pieces == WORDS
+        assert [r.target for r in origin.requests] == [b"/v1/models", b"/v1/chat/completions", b"/v1/chat/completions"]
+        assert all(r.header(b"authorization") == b"Bearer sk-test" for r in origin.requests)
