@@ -3,6 +3,7 @@
 uvloop and orjson are CPython-only speedups (neither builds on PyPy); everything
 falls back to the standard library when they are missing.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,11 +28,13 @@ HAVE_UVLOOP = _uvloop is not None
 HAVE_ORJSON = _orjson is not None
 
 if _orjson is not None:
+
     def json_dumps(obj: Any) -> bytes:
         return _orjson.dumps(obj)
 
     json_loads: Callable[[bytes], Any] = _orjson.loads
 else:
+
     def json_dumps(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 

@@ -2,6 +2,7 @@
 
 A wrong option prints one line on stderr and exits with status 2.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -4,6 +4,7 @@ Every option has a ``PYPROXY_<NAME>`` environment variable; a few also answer
 to the names the users' current proxy reads (``HTTP_POOL_CONNECTIONS``...).
 Every bad value raises ``ConfigError`` with one line that names the option.
 """
+
 from __future__ import annotations
 
 import os
@@ -153,18 +154,69 @@ OPTIONS: Tuple[Option, ...] = (
     Option("listen", _listen, ("127.0.0.1", 8080), "address to accept clients on", metavar="HOST:PORT"),
     Option("upstream", _upstream, None, "upstream base URL, http:// or https://, optional path prefix", metavar="URL"),
     Option("connect_timeout", _positive_float, 10.0, "seconds to open an upstream connection (504 after)", metavar="S"),
-    Option("read_timeout", _positive_float, 300.0, "longest silence between two upstream reads (504 / truncation after)", metavar="S"),
-    Option("pool_connections", _int_at_least(1), 100, "most upstream connections at once", ("HTTP_POOL_CONNECTIONS",), "N"),
-    Option("keepalive_connections", _int_at_least(0), 30, "most idle upstream connections kept", ("HTTP_KEEPALIVE_CONNECTIONS",), "N"),
-    Option("keepalive_expiry", _positive_float, 4.0, "seconds an idle upstream connection is kept (below the upstream's own idle timeout)", metavar="S"),
-    Option("pool_timeout", _positive_float, 10.0, "seconds to wait for a free upstream connection (503 after)", metavar="S"),
-    Option("max_body_size", _int_at_least(0), 100 * 1024 * 1024, "largest request body accepted (413 above)", metavar="BYTES"),
-    Option("max_header_size", _int_at_least(1024), 64 * 1024, "largest request head accepted (431 above)", metavar="BYTES"),
-    Option("client_timeout", _positive_float, 60.0, "seconds a client may idle between requests or take to send a head", metavar="S"),
+    Option(
+        "read_timeout",
+        _positive_float,
+        300.0,
+        "longest silence between two upstream reads (504 / truncation after)",
+        metavar="S",
+    ),
+    Option(
+        "pool_connections", _int_at_least(1), 100, "most upstream connections at once", ("HTTP_POOL_CONNECTIONS",), "N"
+    ),
+    Option(
+        "keepalive_connections",
+        _int_at_least(0),
+        30,
+        "most idle upstream connections kept",
+        ("HTTP_KEEPALIVE_CONNECTIONS",),
+        "N",
+    ),
+    Option(
+        "keepalive_expiry",
+        _positive_float,
+        4.0,
+        "seconds an idle upstream connection is kept (below the upstream's own idle timeout)",
+        metavar="S",
+    ),
+    Option(
+        "pool_timeout", _positive_float, 10.0, "seconds to wait for a free upstream connection (503 after)", metavar="S"
+    ),
+    Option(
+        "max_body_size",
+        _int_at_least(0),
+        100 * 1024 * 1024,
+        "largest request body accepted (413 above)",
+        metavar="BYTES",
+    ),
+    Option(
+        "max_header_size", _int_at_least(1024), 64 * 1024, "largest request head accepted (431 above)", metavar="BYTES"
+    ),
+    Option(
+        "client_timeout",
+        _positive_float,
+        60.0,
+        "seconds a client may idle between requests or take to send a head",
+        metavar="S",
+    ),
     Option("drain_timeout", _positive_float, 30.0, "seconds in-flight requests get to finish on SIGTERM", metavar="S"),
-    Option("upstream_ca", _readable_file, None, "PEM file of CAs trusted for an https upstream (default: system CAs)", metavar="FILE"),
-    Option("allow_underscore_headers", _bool, False, "forward header names containing '_' (dropped by default, like nginx)", metavar="BOOL"),
-    Option("loop", _choice("auto", "asyncio", "uvloop"), "auto", "event loop implementation", metavar="auto|asyncio|uvloop"),
+    Option(
+        "upstream_ca",
+        _readable_file,
+        None,
+        "PEM file of CAs trusted for an https upstream (default: system CAs)",
+        metavar="FILE",
+    ),
+    Option(
+        "allow_underscore_headers",
+        _bool,
+        False,
+        "forward header names containing '_' (dropped by default, like nginx)",
+        metavar="BOOL",
+    ),
+    Option(
+        "loop", _choice("auto", "asyncio", "uvloop"), "auto", "event loop implementation", metavar="auto|asyncio|uvloop"
+    ),
     Option("log_level", _choice("debug", "info", "warning", "error"), "info", "logging level", metavar="LEVEL"),
 )
 OPTIONS_BY_NAME: Dict[str, Option] = {o.name: o for o in OPTIONS}

@@ -4,6 +4,7 @@ Every failure a client can observe is a ``ProxyError`` subclass carrying its
 HTTP status and an OpenAI-style error ``type``, so the answer is decided in one
 place and rendered in one shape: ``{"error": {"message", "type", "code"}}``.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -29,8 +30,10 @@ class ProxyError(Exception):
 
 # --- the client's fault (4xx): the connection is closed after the answer ---
 
+
 class BadRequest(ProxyError):
     """Malformed or ambiguous request (RFC 9112 §2.2, §6.3): answered 400, then close."""
+
     status = 400
     error_type = "invalid_request_error"
 
@@ -49,13 +52,16 @@ class MethodNotAllowed(BadRequest):
 
 class VersionNotSupported(BadRequest):
     """RFC 9110 §15.6.6: only HTTP/1.0 and HTTP/1.1 are spoken here."""
+
     status = 505
 
 
 # --- the upstream's fault (5xx) ---
 
+
 class UpstreamError(ProxyError):
     """The upstream could not be reached or broke the exchange: 502."""
+
     status = 502
     error_type = "upstream_error"
 
@@ -82,11 +88,13 @@ class UpstreamDisconnected(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     """Connect or read timeout: 504 (RFC 9110 §15.6.5)."""
+
     status = 504
 
 
 class PoolTimeout(UpstreamError):
     """No upstream connection became free within the pool wait limit: 503."""
+
     status = 503
     error_type = "overloaded_error"
 

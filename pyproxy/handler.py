@@ -7,6 +7,7 @@ listener object fed by the upstream protocol's callbacks -- has relayed the
 response. Response chunks never pass through this coroutine: the upstream
 protocol hands them to the exchange, which writes them to the client at once.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -101,7 +102,13 @@ class Handler:
             pass
         except ProxyError as exc:
             if exc.status >= 500:
-                log.warning("%s %s -> %d: %s", request.method.decode(), request.target.decode("latin-1"), exc.status, exc.message)
+                log.warning(
+                    "%s %s -> %d: %s",
+                    request.method.decode(),
+                    request.target.decode("latin-1"),
+                    exc.status,
+                    exc.message,
+                )
             client.send_error(exc)
         except Exception:  # pragma: no cover - a bug; the client still gets an answer
             log.exception("unexpected error while proxying")

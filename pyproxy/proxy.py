@@ -1,4 +1,5 @@
 """The proxy's lifecycle: listen, track client connections, drain and stop."""
+
 from __future__ import annotations
 
 import asyncio

@@ -5,6 +5,7 @@ lowercase bytes. pyproxy re-frames every message it forwards: received
 Content-Length / Transfer-Encoding are never copied through, they only decide
 the framing pyproxy itself declares (RFC 9112 §6).
 """
+
 from __future__ import annotations
 
 from typing import FrozenSet, Iterable, List, Optional, Set, Tuple
@@ -35,9 +36,7 @@ HOP_BY_HOP: FrozenSet[bytes] = frozenset(
 # Fields pyproxy sets itself on the way to the upstream, so incoming copies
 # are dropped (X-Forwarded-For is appended to instead, like nginx's
 # $proxy_add_x_forwarded_for).
-_REPLACED_TO_UPSTREAM: FrozenSet[bytes] = frozenset(
-    {b"host", b"x-forwarded-proto", b"x-forwarded-host", b"expect"}
-)
+_REPLACED_TO_UPSTREAM: FrozenSet[bytes] = frozenset({b"host", b"x-forwarded-proto", b"x-forwarded-host", b"expect"})
 
 VIA_TOKEN = b"1.1 pyproxy"
 

@@ -5,6 +5,7 @@ out and writes them upstream. The buffer between the two is bounded: above
 HIGH_WATER the client socket stops being read (a slow upstream slows the
 client), below LOW_WATER it is read again.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -5,6 +5,7 @@ request-body buffer, a pipelined request waiting its turn, a slow reader on
 the other side). Each reason is a bit; reading resumes only when none is set,
 so one reason clearing can never resume reading another still needs paused.
 """
+
 from __future__ import annotations
 
 import asyncio

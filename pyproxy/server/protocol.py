@@ -7,6 +7,7 @@ malformed input itself: a precise 4xx, then close (RFC 9112 §2.2). The
 response side is a small API the handler's exchange calls: ``send_head``,
 ``send_data``, ``finish_response``, ``abort_truncated``, ``send_error``.
 """
+
 from __future__ import annotations
 
 import asyncio

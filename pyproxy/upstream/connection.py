@@ -11,6 +11,7 @@ else (an error, an early response while the request body was still being
 sent, a response that must close) closes it. Response events are handed to
 the current *exchange* by plain method calls -- no task or future per chunk.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -238,9 +239,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Bind to a request and write its head. Raises if the socket is already gone."""
         transport = self.transport
         if self.state != ACTIVE or transport is None or transport.is_closing():
-            raise UpstreamDisconnected(
-                "pooled upstream connection closed before use", request_sent=False, reused=True
-            )
+            raise UpstreamDisconnected("pooled upstream connection closed before use", request_sent=False, reused=True)
         self.listener = listener
         self.requests_started += 1
         self.request_sent = False
@@ -325,9 +324,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         silent_for = now - self.last_read
         if silent_for >= self.read_timeout:
-            self._fail(
-                UpstreamTimeout(f"upstream sent nothing for {self.read_timeout:g} s (read timeout)")
-            )
+            self._fail(UpstreamTimeout(f"upstream sent nothing for {self.read_timeout:g} s (read timeout)"))
         else:
             self._timer = self.loop.call_later(self.read_timeout - silent_for, self._check_read_timeout)
 

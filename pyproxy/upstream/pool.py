@@ -10,6 +10,7 @@ opened, which expired ones to close) and only then *acts* (awaits I/O).
 * a released connection goes straight to the oldest waiter;
 * waiting for a slot is bounded by ``pool_timeout`` (then 503 + Retry-After).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -138,8 +139,7 @@ class ConnectionPool:
             retry_after = max(1, int(round(self.pool_timeout)))
             waiter.set_exception(
                 PoolTimeout(
-                    f"all {self.max_connections} upstream connections are busy "
-                    f"(waited {self.pool_timeout:g} s)",
+                    f"all {self.max_connections} upstream connections are busy (waited {self.pool_timeout:g} s)",
                     retry_after=retry_after,
                 )
             )

@@ -1,5 +1,6 @@
 """Malformed or ambiguous requests: a precise 4xx, the connection closed, and
 zero bytes sent upstream (RFC 9112 §2.2, §6.3; request smuggling defences)."""
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,12 @@ BAD_REQUESTS = {
     ),
     "chunked_body_too_large": (
         b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-        + b"400\r\n" + b"a" * 1024 + b"\r\n" + b"400\r\n" + b"a" * 1024 + b"\r\n0\r\n\r\n",
+        + b"400\r\n"
+        + b"a" * 1024
+        + b"\r\n"
+        + b"400\r\n"
+        + b"a" * 1024
+        + b"\r\n0\r\n\r\n",
         413,
     ),
     "headers_too_large": (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n", 431),
@@ -118,7 +124,9 @@ async def test_underscore_headers_dropped_by_default() -> None:
 
 async def test_underscore_headers_forwarded_when_allowed() -> None:
     async with Origin() as origin, running_proxy(origin.url, allow_underscore_headers=True) as proxy:
-        raw = await raw_exchange(proxy.port, b"GET /echo HTTP/1.1\r\nHost: x\r\nX_Custom: 1\r\nConnection: close\r\n\r\n")
+        raw = await raw_exchange(
+            proxy.port, b"GET /echo HTTP/1.1\r\nHost: x\r\nX_Custom: 1\r\nConnection: close\r\n\r\n"
+        )
         assert parse_raw_response(raw).status == 200
         assert origin.requests[0].header(b"x_custom") == b"1"
 
@@ -132,8 +140,13 @@ async def test_hop_by_hop_and_connection_named_headers_removed_both_ways() -> No
             await reply.full(
                 200,
                 b"ok",
-                [(b"connection", b"x-secret-hop"), (b"x-secret-hop", b"1"), (b"keep-alive", b"timeout=5"),
-                 (b"x-end-to-end", b"yes"), (b"proxy-authenticate", b"Basic")],
+                [
+                    (b"connection", b"x-secret-hop"),
+                    (b"x-secret-hop", b"1"),
+                    (b"keep-alive", b"timeout=5"),
+                    (b"x-end-to-end", b"yes"),
+                    (b"proxy-authenticate", b"Basic"),
+                ],
             )
 
         raw = await raw_exchange(
@@ -172,7 +185,9 @@ async def test_idle_client_with_partial_head_is_closed() -> None:
 async def test_obs_fold_is_unfolded_not_forwarded_raw() -> None:
     """RFC 9112 §5.2: replace obs-fold with SP before forwarding (h11 does)."""
     async with Origin() as origin, running_proxy(origin.url) as proxy:
-        raw = await raw_exchange(proxy.port, b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Test: a\r\n b\r\nConnection: close\r\n\r\n")
+        raw = await raw_exchange(
+            proxy.port, b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Test: a\r\n b\r\nConnection: close\r\n\r\n"
+        )
         assert parse_raw_response(raw).status == 200
         assert origin.requests[0].header(b"x-test") == b"a b"
         assert b"\r\n b" not in origin.raw_received

@@ -1,4 +1,5 @@
 """The command line as a user runs it: ``<python> -m pyproxy`` in a subprocess."""
+
 from __future__ import annotations
 
 import asyncio
@@ -89,7 +90,9 @@ def test_loop_uvloop_without_uvloop_is_exit_2() -> None:
         "import sys; sys.modules['uvloop'] = None; from pyproxy.cli import main; "
         "sys.exit(main(['--upstream', 'http://127.0.0.1:1', '--loop', 'uvloop']))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_env(), cwd=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_env(), cwd=str(ROOT)
+    )
     assert result.returncode == 2 and "uvloop is not installed" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -107,9 +110,22 @@ def test_listen_port_in_use_is_exit_2() -> None:
 def test_help_lists_every_option() -> None:
     result = run_cli(["--help"])
     assert result.returncode == 0
-    for flag in ("--listen", "--upstream", "--connect-timeout", "--read-timeout", "--pool-connections",
-                 "--keepalive-connections", "--keepalive-expiry", "--max-body-size", "--max-header-size",
-                 "--upstream-ca", "--loop", "--config", "--log-level", "HTTP_POOL_CONNECTIONS"):
+    for flag in (
+        "--listen",
+        "--upstream",
+        "--connect-timeout",
+        "--read-timeout",
+        "--pool-connections",
+        "--keepalive-connections",
+        "--keepalive-expiry",
+        "--max-body-size",
+        "--max-header-size",
+        "--upstream-ca",
+        "--loop",
+        "--config",
+        "--log-level",
+        "HTTP_POOL_CONNECTIONS",
+    ):
         assert flag in result.stdout, flag
 
 
@@ -130,8 +146,16 @@ class RunningCLI:
 
 async def start_cli(*args: str) -> RunningCLI:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pyproxy", "--listen", "127.0.0.1:0", *args,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=_env(), cwd=str(ROOT),
+        sys.executable,
+        "-m",
+        "pyproxy",
+        "--listen",
+        "127.0.0.1:0",
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=_env(),
+        cwd=str(ROOT),
     )
     assert process.stderr is not None
     log: List[str] = []

@@ -1,4 +1,5 @@
 """A real client nobody here wrote: the official ``openai`` package through pyproxy."""
+
 from __future__ import annotations
 
 import asyncio
@@ -31,7 +32,7 @@ def _add_chat_route(origin: Origin) -> None:
             await reply.full(200, json.dumps(COMPLETION).encode())
             return
         await reply.head(200, [(b"content-type", b"text/event-stream")])
-        for i, word in enumerate(WORDS):
+        for word in WORDS:
             chunk = {
                 "id": "chatcmpl-1",
                 "object": "chat.completion.chunk",

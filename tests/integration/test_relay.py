@@ -1,4 +1,5 @@
 """Happy-path relaying: methods, headers, keep-alive, framing, pipelining."""
+
 from __future__ import annotations
 
 import asyncio

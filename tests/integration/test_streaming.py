@@ -1,4 +1,5 @@
 """Streaming both ways in bounded memory, SSE promptness, and backpressure."""
+
 from __future__ import annotations
 
 import asyncio

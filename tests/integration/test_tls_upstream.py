@@ -1,4 +1,5 @@
 """HTTPS upstreams: certificate verification (private CA via --upstream-ca) and SNI."""
+
 from __future__ import annotations
 
 import ssl

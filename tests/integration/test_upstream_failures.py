@@ -1,5 +1,6 @@
 """Upstream failures are honest: 502 / 504 / 503, truncation stays truncation,
 stale keep-alive connections are retried only when that is safe."""
+
 from __future__ import annotations
 
 import asyncio
@@ -142,9 +143,10 @@ async def test_invalid_upstream_response_is_502() -> None:
 
 async def test_pool_exhausted_is_503_with_retry_after() -> None:
     release = asyncio.Event()
-    async with Origin() as origin, running_proxy(
-        origin.url, pool_connections=1, keepalive_connections=1, pool_timeout=0.2
-    ) as proxy:
+    async with (
+        Origin() as origin,
+        running_proxy(origin.url, pool_connections=1, keepalive_connections=1, pool_timeout=0.2) as proxy,
+    ):
 
         @origin.route(b"/slow")
         async def slow(req: Received, reply: Reply) -> None:

@@ -1,4 +1,5 @@
 """A small test HTTP client (asyncio streams + h11) and a running-proxy context."""
+
 from __future__ import annotations
 
 import asyncio
@@ -121,7 +122,9 @@ class Client:
         return await self.read_response()
 
 
-async def request(port: int, method: bytes, target: bytes, headers: Iterable[Tuple[bytes, bytes]] = (), body: bytes = b"") -> Response:
+async def request(
+    port: int, method: bytes, target: bytes, headers: Iterable[Tuple[bytes, bytes]] = (), body: bytes = b""
+) -> Response:
     async with await Client.connect(port) as client:
         return await client.request(method, target, headers, body)
 

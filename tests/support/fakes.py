@@ -1,4 +1,5 @@
 """Fake transports for sans-socket tests of the protocols and the pool."""
+
 from __future__ import annotations
 
 import asyncio

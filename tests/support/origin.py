@@ -4,6 +4,7 @@ Built on asyncio streams + h11 so each route is a short coroutine. Every byte
 the proxy sends is kept in ``raw`` (per connection too), so tests can assert
 that a rejected request reached nobody.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -247,7 +248,9 @@ class Origin:
         async def big(req: Received, reply: Reply) -> None:
             size = int(req.target.split(b"size=")[1]) if b"size=" in req.target else 1 << 20
             payload = pattern_bytes(size)
-            await reply.head(200, [(b"content-length", str(size).encode()), (b"content-type", b"application/octet-stream")])
+            await reply.head(
+                200, [(b"content-length", str(size).encode()), (b"content-type", b"application/octet-stream")]
+            )
             view = memoryview(payload)
             for start in range(0, size, 65536):
                 await reply.data(bytes(view[start : start + 65536]))
@@ -256,9 +259,7 @@ class Origin:
         @self.route(b"/sse")
         async def sse(req: Received, reply: Reply) -> None:
             """``/sse?n=N&interval=S``: N events, each carrying its send time."""
-            query = dict(
-                part.split(b"=", 1) for part in req.target.partition(b"?")[2].split(b"&") if b"=" in part
-            )
+            query = dict(part.split(b"=", 1) for part in req.target.partition(b"?")[2].split(b"&") if b"=" in part)
             count = int(query.get(b"n", b"5"))
             interval = float(query.get(b"interval", b"0.01"))
             await reply.head(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")])

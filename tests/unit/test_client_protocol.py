@@ -1,4 +1,5 @@
 """The client protocol driven with scripted bytes through a fake transport."""
+
 from __future__ import annotations
 
 import asyncio

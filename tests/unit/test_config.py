@@ -1,4 +1,5 @@
 """Settings merge and validation, without starting anything."""
+
 from __future__ import annotations
 
 from pathlib import Path

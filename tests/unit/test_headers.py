@@ -1,4 +1,5 @@
 """The header rules, without sockets."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Pool decisions with fake connections: LIFO reuse, expiry, bounds, waiters."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,0 +1,303 @@
+"""Settings: one table of options, read from defaults < TOML file < environment < command line.
+
+Every option has a ``PYPROXY_<NAME>`` environment variable; a few also answer
+to the names the users' current proxy reads (``HTTP_POOL_CONNECTIONS``...).
+Every bad value raises ``ConfigError`` with one line that names the option.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A wrong setting; the message is the one line the user sees."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    scheme: str
+    host: str
+    port: int
+    prefix: bytes  # path prefix without trailing slash, b"" for none
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def host_header(self) -> bytes:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.tls else 80
+        return (host if self.port == default else f"{host}:{self.port}").encode("idna")
+
+    @property
+    def origin(self) -> str:
+        return f"{self.scheme}://{self.host_header.decode()}"
+
+
+def parse_upstream(value: str) -> Upstream:
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"must start with http:// or https://, got {value!r}")
+    if not parts.hostname:
+        raise ConfigError(f"has no host: {value!r}")
+    if parts.username or parts.password:
+        raise ConfigError("must not carry credentials; send them as request headers")
+    if parts.query or parts.fragment:
+        raise ConfigError("must not have a query or fragment")
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    prefix = parts.path.rstrip("/").encode("ascii", "strict") if parts.path else b""
+    return Upstream(parts.scheme, parts.hostname, port, prefix)
+
+
+def parse_listen(value: str) -> Tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigError(f"expected HOST:PORT, got {value!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port out of range: {port}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, port
+
+
+def _positive_float(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"expected a number of seconds, got {value!r}") from None
+    if not number > 0 or number != number or number == float("inf"):
+        raise ConfigError(f"expected a positive number of seconds, got {value!r}")
+    return number
+
+
+def _int_at_least(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ConfigError(f"expected an integer, got {value!r}")
+        try:
+            number = int(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"expected an integer, got {value!r}") from None
+        if number < minimum:
+            raise ConfigError(f"must be at least {minimum}, got {number}")
+        return number
+
+    return parse
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"expected true or false, got {value!r}")
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).lower()
+        if text not in choices:
+            raise ConfigError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _readable_file(value: Any) -> str:
+    path = str(value)
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise ConfigError(f"no readable file at {path!r}")
+    return path
+
+
+def _upstream(value: Any) -> Upstream:
+    return parse_upstream(str(value))
+
+
+def _listen(value: Any) -> Tuple[str, int]:
+    return parse_listen(str(value))
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # attribute name; the flag is --name-with-dashes
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    env_aliases: Tuple[str, ...] = ()
+    metavar: Optional[str] = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env_names(self) -> Tuple[str, ...]:
+        return ("PYPROXY_" + self.name.upper(),) + self.env_aliases
+
+
+OPTIONS: Tuple[Option, ...] = (
+    Option("listen", _listen, ("127.0.0.1", 8080), "address to accept clients on", metavar="HOST:PORT"),
+    Option("upstream", _upstream, None, "upstream base URL, http:// or https://, optional path prefix", metavar="URL"),
+    Option("connect_timeout", _positive_float, 10.0, "seconds to open an upstream connection (504 after)", metavar="S"),
+    Option(
+        "read_timeout",
+        _positive_float,
+        300.0,
+        "longest silence between two upstream reads (504 / truncation after)",
+        metavar="S",
+    ),
+    Option(
+        "pool_connections", _int_at_least(1), 100, "most upstream connections at once", ("HTTP_POOL_CONNECTIONS",), "N"
+    ),
+    Option(
+        "keepalive_connections",
+        _int_at_least(0),
+        30,
+        "most idle upstream connections kept",
+        ("HTTP_KEEPALIVE_CONNECTIONS",),
+        "N",
+    ),
+    Option(
+        "keepalive_expiry",
+        _positive_float,
+        4.0,
+        "seconds an idle upstream connection is kept (below the upstream's own idle timeout)",
+        metavar="S",
+    ),
+    Option(
+        "pool_timeout", _positive_float, 10.0, "seconds to wait for a free upstream connection (503 after)", metavar="S"
+    ),
+    Option(
+        "max_body_size",
+        _int_at_least(0),
+        100 * 1024 * 1024,
+        "largest request body accepted (413 above)",
+        metavar="BYTES",
+    ),
+    Option(
+        "max_header_size", _int_at_least(1024), 64 * 1024, "largest request head accepted (431 above)", metavar="BYTES"
+    ),
+    Option(
+        "client_timeout",
+        _positive_float,
+        60.0,
+        "seconds a client may idle between requests or take to send a head",
+        metavar="S",
+    ),
+    Option("drain_timeout", _positive_float, 30.0, "seconds in-flight requests get to finish on SIGTERM", metavar="S"),
+    Option(
+        "upstream_ca",
+        _readable_file,
+        None,
+        "PEM file of CAs trusted for an https upstream (default: system CAs)",
+        metavar="FILE",
+    ),
+    Option(
+        "allow_underscore_headers",
+        _bool,
+        False,
+        "forward header names containing '_' (dropped by default, like nginx)",
+        metavar="BOOL",
+    ),
+    Option(
+        "loop", _choice("auto", "asyncio", "uvloop"), "auto", "event loop implementation", metavar="auto|asyncio|uvloop"
+    ),
+    Option("log_level", _choice("debug", "info", "warning", "error"), "info", "logging level", metavar="LEVEL"),
+)
+OPTIONS_BY_NAME: Dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: Tuple[str, int] = ("127.0.0.1", 8080)
+    upstream: Optional[Upstream] = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+    pool_connections: int = 100
+    keepalive_connections: int = 30
+    keepalive_expiry: float = 4.0
+    pool_timeout: float = 10.0
+    max_body_size: int = 100 * 1024 * 1024
+    max_header_size: int = 64 * 1024
+    client_timeout: float = 60.0
+    drain_timeout: float = 30.0
+    upstream_ca: Optional[str] = None
+    allow_underscore_headers: bool = False
+    loop: str = "auto"
+    log_level: str = "info"
+    config: Optional[str] = field(default=None)
+
+
+def load_toml(path: str) -> Dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.9/3.10 (PyPy)
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path}: {exc}") from None
+
+
+def build_settings(
+    cli: Mapping[str, Any],
+    environ: Mapping[str, str],
+    *,
+    require_upstream: bool = True,
+) -> Settings:
+    """Merge the sources; ``cli`` holds only the options given on the command line."""
+    raw: Dict[str, Tuple[str, Any]] = {}
+    config_path = cli.get("config") or environ.get("PYPROXY_CONFIG")
+    if config_path:
+        table = load_toml(config_path)
+        for key, value in table.items():
+            option = OPTIONS_BY_NAME.get(key.replace("-", "_"))
+            if option is None:
+                raise ConfigError(f"--config: {config_path}: unknown setting {key!r}")
+            raw[option.name] = (f"{key} in {config_path}", value)
+    for option in OPTIONS:
+        for env_name in option.env_names:
+            if env_name in environ:
+                raw[option.name] = (env_name, environ[env_name])
+                break
+    for name, value in cli.items():
+        if name in OPTIONS_BY_NAME and value is not None:
+            raw[name] = (OPTIONS_BY_NAME[name].flag, value)
+
+    values: Dict[str, Any] = {}
+    for name, (source, value) in raw.items():
+        try:
+            values[name] = OPTIONS_BY_NAME[name].parse(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    if require_upstream and values.get("upstream") is None:
+        raise ConfigError("--upstream is required (or PYPROXY_UPSTREAM, or 'upstream' in --config)")
+    settings = Settings(config=config_path, **values)
+    if settings.keepalive_connections > settings.pool_connections:
+        raise ConfigError(
+            f"--keepalive-connections ({settings.keepalive_connections}) must not exceed "
+            f"--pool-connections ({settings.pool_connections})"
+        )
+    return settings
+
+
+def settings_field_names() -> Tuple[str, ...]:
+    return tuple(f.name for f in fields(Settings))

@@ -1,0 +1,126 @@
+"""The error hierarchy and the one table from error kind to what the client sees.
+
+Every failure a client can observe is a ``ProxyError`` subclass carrying its
+HTTP status and an OpenAI-style error ``type``, so the answer is decided in one
+place and rendered in one shape: ``{"error": {"message", "type", "code"}}``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from pyproxy._compat import json_dumps
+
+Headers = List[Tuple[bytes, bytes]]
+
+
+class ProxyError(Exception):
+    status = 500
+    error_type = "proxy_error"
+
+    def __init__(self, message: str, *, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+    def extra_headers(self) -> Headers:
+        return []
+
+
+# --- the client's fault (4xx): the connection is closed after the answer ---
+
+
+class BadRequest(ProxyError):
+    """Malformed or ambiguous request (RFC 9112 §2.2, §6.3): answered 400, then close."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class HeadersTooLarge(BadRequest):
+    status = 431
+
+
+class BodyTooLarge(BadRequest):
+    status = 413
+
+
+class MethodNotAllowed(BadRequest):
+    status = 405
+
+
+class VersionNotSupported(BadRequest):
+    """RFC 9110 §15.6.6: only HTTP/1.0 and HTTP/1.1 are spoken here."""
+
+    status = 505
+
+
+# --- the upstream's fault (5xx) ---
+
+
+class UpstreamError(ProxyError):
+    """The upstream could not be reached or broke the exchange: 502."""
+
+    status = 502
+    error_type = "upstream_error"
+
+
+class UpstreamConnectError(UpstreamError):
+    """Refused, unresolvable, or TLS handshake failed."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream sent something that is not valid HTTP/1.1."""
+
+
+class UpstreamDisconnected(UpstreamError):
+    """The upstream closed the connection before a complete response head.
+
+    ``request_sent`` tells the pool whether a retry could duplicate the request.
+    """
+
+    def __init__(self, message: str, *, request_sent: bool = True, reused: bool = False) -> None:
+        super().__init__(message)
+        self.request_sent = request_sent
+        self.reused = reused
+
+
+class UpstreamTimeout(UpstreamError):
+    """Connect or read timeout: 504 (RFC 9110 §15.6.5)."""
+
+    status = 504
+
+
+class PoolTimeout(UpstreamError):
+    """No upstream connection became free within the pool wait limit: 503."""
+
+    status = 503
+    error_type = "overloaded_error"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def extra_headers(self) -> Headers:
+        return [(b"retry-after", str(self.retry_after).encode("ascii"))]
+
+
+class ShuttingDown(ProxyError):
+    status = 503
+    error_type = "overloaded_error"
+
+
+def error_body(status: int, message: str, error_type: str) -> bytes:
+    return json_dumps({"error": {"message": message, "type": error_type, "code": status}})
+
+
+def error_response_parts(exc: ProxyError) -> Tuple[int, Headers, bytes]:
+    """Status, headers and JSON body for an error answered by the proxy itself."""
+    body = error_body(exc.status, exc.message, exc.error_type)
+    headers: Headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode("ascii")),
+    ]
+    headers.extend(exc.extra_headers())
+    return exc.status, headers, body

@@ -1,0 +1,269 @@
+"""The upstream connection pool for one origin.
+
+Shape borrowed from httpcore and aiohttp: every public operation first
+*decides* synchronously (which idle connection, whether a new one may be
+opened, which expired ones to close) and only then *acts* (awaits I/O).
+
+* idle connections are reused most-recent-first (LIFO): the warmest socket is
+  the least likely to have been closed by the upstream;
+* one timer expires idle connections before the upstream's own idle timeout;
+* a released connection goes straight to the oldest waiter;
+* waiting for a slot is bounded by ``pool_timeout`` (then 503 + Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import deque
+from typing import Deque, Optional, Set, Union
+
+from pyproxy.config import Settings, Upstream
+from pyproxy.errors import PoolTimeout, UpstreamConnectError, UpstreamTimeout
+from pyproxy.upstream.connection import ACTIVE, CLOSED, IDLE, UpstreamConnection
+
+log = logging.getLogger("pyproxy.pool")
+
+# A waiter is woken with a ready connection, or with SLOT: "you may open one".
+SLOT = object()
+Grant = Union[UpstreamConnection, object]
+
+
+def make_ssl_context(cafile: Optional[str]) -> ssl.SSLContext:
+    """Verify the upstream's certificate and hostname; system CAs unless told otherwise."""
+    context = ssl.create_default_context(cafile=cafile)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class PoolStats:
+    __slots__ = ("connects", "reuses", "connect_errors", "pool_timeouts", "expired", "stale_closed", "stale_retries")
+
+    def __init__(self) -> None:
+        self.connects = 0
+        self.reuses = 0
+        self.connect_errors = 0
+        self.pool_timeouts = 0
+        self.expired = 0
+        self.stale_closed = 0
+        self.stale_retries = 0
+
+
+class ConnectionPool:
+    def __init__(self, upstream: Upstream, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+        self.upstream = upstream
+        self.loop = loop
+        self.max_connections = settings.pool_connections
+        self.max_idle = settings.keepalive_connections
+        self.keepalive_expiry = settings.keepalive_expiry
+        self.connect_timeout = settings.connect_timeout
+        self.read_timeout = settings.read_timeout
+        self.pool_timeout = settings.pool_timeout
+        self.ssl_context = make_ssl_context(settings.upstream_ca) if upstream.tls else None
+        self.idle: Deque[UpstreamConnection] = deque()
+        self.active: Set[UpstreamConnection] = set()
+        self.connecting = 0
+        self.waiters: Deque[asyncio.Future[Grant]] = deque()
+        self.stats = PoolStats()
+        self.closed = False
+        self._sweep: Optional[asyncio.TimerHandle] = None
+
+    # --- counts ----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return len(self.idle) + len(self.active) + self.connecting
+
+    # --- checkout ----------------------------------------------------------------
+
+    async def acquire(self) -> UpstreamConnection:
+        if self.closed:
+            raise UpstreamConnectError("proxy is shutting down")
+        conn = self._take_idle()
+        if conn is not None:
+            return conn
+        if self.size < self.max_connections:
+            return await self._open()
+        grant = await self._wait_for_grant()
+        if grant is SLOT:
+            return await self._open()
+        return grant  # type: ignore[return-value]
+
+    def _take_idle(self) -> Optional[UpstreamConnection]:
+        """Decide: the most recently used live connection, closing expired ones."""
+        now = self.loop.time()
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.state != IDLE or conn.transport is None or conn.transport.is_closing():
+                continue
+            if conn.is_expired(now, self.keepalive_expiry):
+                # Everything older is expired too: LIFO keeps the deque age-ordered.
+                self.stats.expired += 1 + len(idle)
+                self._close_all_idle(conn)
+                return None
+            conn.state = ACTIVE
+            self.active.add(conn)
+            self.stats.reuses += 1
+            return conn
+        return None
+
+    def _close_all_idle(self, first: UpstreamConnection) -> None:
+        doomed = [first] + list(self.idle)
+        self.idle.clear()
+        for conn in doomed:
+            conn.close()
+
+    async def _wait_for_grant(self) -> Grant:
+        waiter: asyncio.Future[Grant] = self.loop.create_future()
+        self.waiters.append(waiter)
+        timer = self.loop.call_later(self.pool_timeout, self._expire_waiter, waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            # Cancelled after being granted something: pass it on, never leak it.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._regrant(waiter.result())
+            raise
+        finally:
+            timer.cancel()
+            try:
+                self.waiters.remove(waiter)
+            except ValueError:
+                pass
+
+    def _expire_waiter(self, waiter: asyncio.Future[Grant]) -> None:
+        if not waiter.done():
+            self.stats.pool_timeouts += 1
+            retry_after = max(1, int(round(self.pool_timeout)))
+            waiter.set_exception(
+                PoolTimeout(
+                    f"all {self.max_connections} upstream connections are busy (waited {self.pool_timeout:g} s)",
+                    retry_after=retry_after,
+                )
+            )
+
+    def _regrant(self, grant: Grant) -> None:
+        if grant is SLOT:
+            self._slot_freed()
+        else:
+            self.release(grant)  # type: ignore[arg-type]
+
+    async def _open(self) -> UpstreamConnection:
+        self.connecting += 1
+        opened: Optional[UpstreamConnection] = None
+        upstream = self.upstream
+        try:
+            try:
+                _, opened = await asyncio.wait_for(
+                    self.loop.create_connection(
+                        lambda: UpstreamConnection(self, self.loop, self.read_timeout),
+                        upstream.host,
+                        upstream.port,
+                        ssl=self.ssl_context,
+                        server_hostname=upstream.host if self.ssl_context is not None else None,
+                    ),
+                    self.connect_timeout,
+                )
+            except asyncio.TimeoutError:
+                self.stats.connect_errors += 1
+                raise UpstreamTimeout(
+                    f"connecting to upstream {upstream.origin} timed out after {self.connect_timeout:g} s"
+                ) from None
+            except ssl.SSLError as exc:
+                self.stats.connect_errors += 1
+                raise UpstreamConnectError(
+                    f"TLS handshake with upstream {upstream.origin} failed: {exc.reason or exc}"
+                ) from None
+            except OSError as exc:
+                self.stats.connect_errors += 1
+                reason = exc.strerror or str(exc) or type(exc).__name__
+                raise UpstreamConnectError(f"cannot connect to upstream {upstream.origin}: {reason}") from None
+        finally:
+            self.connecting -= 1
+            if opened is None:
+                self._slot_freed()
+        self.stats.connects += 1
+        if self.closed:
+            opened.close()
+            raise UpstreamConnectError("proxy is shutting down")
+        opened.state = ACTIVE
+        self.active.add(opened)
+        return opened
+
+    # --- checkin -------------------------------------------------------------------
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """A connection whose exchange completed cleanly (both h11 sides DONE)."""
+        self.active.discard(conn)
+        if conn.state == CLOSED or self.closed:
+            conn.close()
+            return
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                conn.state = ACTIVE
+                self.active.add(conn)
+                self.stats.reuses += 1
+                waiter.set_result(conn)
+                return
+        if len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.state = IDLE
+        conn.idle_since = self.loop.time()
+        self.idle.append(conn)
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(self.keepalive_expiry, self._sweep_idle)
+
+    def on_connection_closed(self, conn: UpstreamConnection) -> None:
+        """Called once per connection when it closes, whoever closed it."""
+        was_idle = False
+        self.active.discard(conn)
+        try:
+            self.idle.remove(conn)
+            was_idle = True
+        except ValueError:
+            pass
+        if was_idle and not self.closed:
+            self.stats.stale_closed += 1
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        if self.closed:
+            return
+        while self.waiters and self.size < self.max_connections:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(SLOT)
+                return
+
+    def _sweep_idle(self) -> None:
+        """The one expiry timer: close idle connections past keepalive_expiry."""
+        self._sweep = None
+        now = self.loop.time()
+        idle = self.idle
+        while idle and idle[0].is_expired(now, self.keepalive_expiry):
+            conn = idle.popleft()
+            self.stats.expired += 1
+            conn.close()
+        if idle:
+            delay = max(0.05, idle[0].idle_since + self.keepalive_expiry - now)
+            self._sweep = self.loop.call_later(delay, self._sweep_idle)
+
+    # --- shutdown --------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for waiter in list(self.waiters):
+            if not waiter.done():
+                waiter.set_exception(UpstreamConnectError("proxy is shutting down"))
+        self.waiters.clear()
+        for conn in list(self.idle) + list(self.active):
+            conn.close()
+        self.idle.clear()
+        self.active.clear()
