@@ -2,10 +2,11 @@
 
 One task per request. It waits for the first body event (so a body malformed
 from its first byte reaches nobody), checks out an upstream connection, writes
-the request head, pumps the body, and waits until the *exchange* -- a plain
+the request, pumps the body, and waits until the *exchange* -- a plain
 listener object fed by the upstream protocol's callbacks -- has relayed the
 response. Response chunks never pass through this coroutine: the upstream
-protocol hands them to the exchange, which writes them to the client at once.
+protocol hands them to the exchange, which queues them for the client and
+flushes once per upstream read.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, List, Optional
 
-import h11
-
 from pyproxy.errors import ProxyError, UpstreamDisconnected
+from pyproxy.http.fastpath import serialize_request_head
 from pyproxy.http.headers import RequestFraming, client_response_headers, to_origin_form, upstream_request_headers
+from pyproxy.http.messages import RequestHead, ResponseHead
 from pyproxy.server.body import RequestBody
 from pyproxy.server.protocol import ClientConnection, ClientGone
 from pyproxy.upstream.connection import ExchangeListener, UpstreamConnection
@@ -47,15 +48,18 @@ class Exchange(ExchangeListener):
         self.response_started = False
         self.finished = False
 
-    def on_response(self, response: h11.Response) -> None:
+    def on_response(self, head: ResponseHead) -> None:
         self.response_started = True
         client = self.client
-        client.send_head(response.status_code, client_response_headers(response.headers), response.reason)
+        client.start_response(head.status, head.reason, client_response_headers(head.headers))
         if client._write_paused:
             self.conn.pause_reading()
 
     def on_body(self, data: bytes) -> None:
         self.client.send_data(data)
+
+    def on_flush(self) -> None:
+        self.client.flush()
 
     def on_end(self) -> None:
         self.finished = True
@@ -94,7 +98,7 @@ class Handler:
         self.allow_underscores = settings.allow_underscore_headers
 
     async def handle(
-        self, client: ClientConnection, request: h11.Request, body: RequestBody, framing: RequestFraming
+        self, client: ClientConnection, request: RequestHead, body: RequestBody, framing: RequestFraming
     ) -> None:
         try:
             await self._relay(client, request, body, framing)
@@ -105,7 +109,7 @@ class Handler:
                 log.warning(
                     "%s %s -> %d: %s",
                     request.method.decode(),
-                    request.target.decode("latin-1"),
+                    request.target[:200].decode("latin-1"),
                     exc.status,
                     exc.message,
                 )
@@ -115,34 +119,45 @@ class Handler:
             client.send_error(ProxyError("internal proxy error"))
 
     async def _relay(
-        self, client: ClientConnection, request: h11.Request, body: RequestBody, framing: RequestFraming
+        self, client: ClientConnection, request: RequestHead, body: RequestBody, framing: RequestFraming
     ) -> None:
         target = to_origin_form(request.target)
         if self.prefix:
             target = self.prefix + (target if target != b"*" else b"/")
-        headers = upstream_request_headers(
-            request.headers,
-            upstream_host=self.host_header,
-            client_ip=client.client_ip,
-            scheme=b"http",
-            framing=framing,
-            allow_underscores=self.allow_underscores,
+        method = request.method
+        head = serialize_request_head(
+            method,
+            target,
+            upstream_request_headers(
+                request.headers,
+                upstream_host=self.host_header,
+                client_ip=client.client_ip,
+                scheme=b"http",
+                framing=framing,
+                allow_underscores=self.allow_underscores,
+            ),
         )
         if framing.has_body:
             client.send_continue()  # RFC 9110 §10.1.1: we will read the body
-        await body.wait_started()
-        upstream_request = h11.Request(method=request.method, target=target, headers=headers)
-        replay: Optional[List[bytes]] = [] if request.method in IDEMPOTENT_METHODS else None
+        if not body.started:
+            await body.wait_started()
+        elif body.error is not None:
+            raise body.error
+        # A body already complete (every bodiless request) goes out with the head.
+        first: List[bytes] = body.take_buffered() if body.complete else []
+        replay: Optional[List[bytes]] = list(first) if method in IDEMPOTENT_METHODS else None
+        chunked = framing.chunked
         retried = False
         while True:
             conn = await self.pool.acquire()
             exchange = Exchange(client, conn, body)
             client.exchange = exchange
             try:
-                conn.start_exchange(exchange, upstream_request)
-                if replay:
-                    conn.send_body_chunks(replay)
-                await self._pump_body(conn, exchange, body, replay)
+                if body.complete:
+                    conn.start_exchange(exchange, method, head, chunked, replay if retried else first, end=True)
+                else:
+                    conn.start_exchange(exchange, method, head, chunked, replay if retried else None)
+                    await self._pump_body(conn, exchange, body, replay)
                 await exchange.done
                 return
             except BaseException as exc:
@@ -162,9 +177,10 @@ class Handler:
                 replayable = replay is not None and body.complete and body.received <= REPLAY_LIMIT
                 if not (never_sent or replayable):
                     raise
+                if replay is None:
+                    replay = first  # never sent: what was taken is all there is
                 retried = True
                 self.pool.stats.stale_retries += 1
-                continue
 
     async def _pump_body(
         self,
@@ -173,9 +189,6 @@ class Handler:
         body: RequestBody,
         replay: Optional[List[bytes]],
     ) -> None:
-        if body.complete and not body._chunks:
-            conn.send_end()
-            return
         while not exchange.finished:
             try:
                 chunks = await body.read()

@@ -102,6 +102,20 @@ class RequestBody:
         if self._error is not None:
             raise self._error
 
+    @property
+    def error(self) -> Optional[BaseException]:
+        return self._error
+
+    def take_buffered(self) -> List[bytes]:
+        """Everything buffered now, without waiting (the body may be complete)."""
+        if self._error is not None:
+            raise self._error
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        self._on_drained()
+        return chunks
+
     async def read(self) -> Optional[List[bytes]]:
         """Every chunk buffered so far (at least one), or None at the end of the body."""
         while not self._chunks:

@@ -1,11 +1,20 @@
-"""The client-side protocol: bytes from a client socket -> h11 SERVER events -> the handler.
+"""The client-side protocol: bytes from a client socket -> request heads and body -> the handler.
 
-One ``ClientConnection`` per accepted socket. It owns the h11 state, the
-keep-alive cycle and pipelining (h11 hands out the next request only after
-the current response is complete, so responses go out in order), and answers
-malformed input itself: a precise 4xx, then close (RFC 9112 §2.2). The
-response side is a small API the handler's exchange calls: ``send_head``,
-``send_data``, ``finish_response``, ``abort_truncated``, ``send_error``.
+One ``ClientConnection`` per accepted socket. Each request/response *cycle*
+is read by one of two parsers:
+
+* the fast path (``pyproxy.http.fastpath``) for the common shape -- an
+  HTTP/1.1 head framed by Content-Length or bodiless -- whose body is then
+  counted off the byte stream;
+* h11, for everything else, from the cycle's first byte (chunked bodies,
+  HTTP/1.0, Expect, anything unusual or malformed). h11 stays the judge of
+  what is malformed.
+
+Either way the connection owns the keep-alive cycle and pipelining (the next
+request is read only after the current response is complete, so responses
+go out in order), and answers malformed input itself: a precise 4xx, then
+close (RFC 9112 §2.2). Response writes are gathered and flushed once per
+upstream read, so a small response leaves in one write.
 """
 
 from __future__ import annotations
@@ -26,7 +35,16 @@ from pyproxy.errors import (
     VersionNotSupported,
     error_response_parts,
 )
-from pyproxy.http.headers import request_framing
+from pyproxy.http.fastpath import (
+    FALLBACK,
+    LAST_CHUNK,
+    NEED_MORE,
+    chunk_pieces,
+    parse_request_head,
+    serialize_response_head,
+)
+from pyproxy.http.headers import RequestFraming, request_framing
+from pyproxy.http.messages import RequestHead
 from pyproxy.server.body import RequestBody
 from pyproxy.server.flow import BODY_BUFFER_FULL, PIPELINE_WAIT, ReadGate
 from pyproxy.upstream.connection import set_nodelay
@@ -37,16 +55,28 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("pyproxy.server")
 
+# which parser reads the current cycle, and how far it got
+_FAST_HEAD = 0  # waiting for a request head
+_FAST_BODY = 1  # counting off a Content-Length body
+_FAST_DONE = 2  # request read; later bytes are the next (pipelined) request
+_H11 = 3  # h11 reads this cycle
+
+# how the current response body is framed to the client (fast cycles)
+_FRAME_NONE = 0  # HEAD, 204, 304: no body
+_FRAME_LENGTH = 1
+_FRAME_CHUNKED = 2
+
 _Request = h11.Request
 _Data = h11.Data
 _EndOfMessage = h11.EndOfMessage
-_Response = h11.Response
 _NEED_DATA = h11.NEED_DATA
 _PAUSED = h11.PAUSED
 _DONE = h11.DONE
 _END = _EndOfMessage()
 _CLOSE_HEADER = (b"connection", b"close")
+_CHUNKED_HEADER = (b"transfer-encoding", b"chunked")
 _SUPPORTED_VERSIONS = frozenset({b"1.1", b"1.0"})
+_NO_BODY_FRAMING = RequestFraming(None, False)
 
 
 class ClientGone(Exception):
@@ -66,17 +96,14 @@ def _client_error(exc: h11.RemoteProtocolError, max_header_size: int) -> ProxyEr
 
 
 def raw_error_response(exc: ProxyError) -> bytes:
-    """Error answer written without h11, for when h11's state is already broken."""
+    """An error answer that ends the connection, written without any parser state."""
     status, headers, body = error_response_parts(exc)
     try:
         reason = HTTPStatus(status).phrase.encode("ascii")
     except ValueError:  # pragma: no cover
         reason = b""
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
-    lines.extend(b"%s: %s\r\n" % (name, value) for name, value in headers)
-    lines.append(b"connection: close\r\n\r\n")
-    lines.append(body)
-    return b"".join(lines)
+    headers.append(_CLOSE_HEADER)
+    return serialize_response_head(status, reason, headers) + body
 
 
 class ClientConnection(asyncio.Protocol):
@@ -96,13 +123,21 @@ class ClientConnection(asyncio.Protocol):
         "last_activity",
         "_timer",
         "_max_body",
+        "_max_head",
         "_write_paused",
+        "_mode",
+        "_buf",
+        "_body_left",
+        "_keep_alive",
+        "_method",
+        "_framing",
+        "_out",
     )
 
     def __init__(self, proxy: "Proxy") -> None:
         self.proxy = proxy
         self.loop = proxy.loop
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=proxy.settings.max_header_size)
+        self.h11: Optional[h11.Connection] = None
         self.transport: Optional[asyncio.Transport] = None
         self.read_gate: Optional[ReadGate] = None
         self.client_ip = b""
@@ -115,7 +150,15 @@ class ClientConnection(asyncio.Protocol):
         self.last_activity = 0.0
         self._timer: Optional[asyncio.TimerHandle] = None
         self._max_body = proxy.settings.max_body_size
+        self._max_head = proxy.settings.max_header_size
         self._write_paused = False
+        self._mode = _FAST_HEAD
+        self._buf = b""
+        self._body_left = 0
+        self._keep_alive = True
+        self._method = b""
+        self._framing = _FRAME_NONE
+        self._out: List[bytes] = []
 
     # --- asyncio callbacks -----------------------------------------------------------
 
@@ -131,8 +174,14 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
-        self.h11.receive_data(data)
-        self._process()
+        if self._mode == _H11:
+            self.h11.receive_data(data)  # type: ignore[union-attr]
+            self._process_h11()
+            return
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        self._consume(data)
 
     def eof_received(self) -> Optional[bool]:
         # A client that half-closes is treated as gone (as nginx does with
@@ -166,15 +215,77 @@ class ClientConnection(asyncio.Protocol):
         if self.exchange is not None:
             self.exchange.conn.resume_reading()
 
-    # --- request side --------------------------------------------------------------------
+    # --- request side: the fast path ----------------------------------------------------
 
-    def _process(self) -> None:
+    def _consume(self, data: bytes) -> None:
+        while data and not self.closed:
+            mode = self._mode
+            if mode == _FAST_BODY:
+                left = self._body_left
+                if len(data) <= left:
+                    chunk, data = data, b""
+                else:
+                    chunk, data = data[:left], data[left:]
+                self._on_body_bytes(chunk)
+            elif mode == _FAST_HEAD:
+                head = parse_request_head(data)
+                if head is NEED_MORE:
+                    if len(data) > self._max_head:
+                        self._on_bad_input(HeadersTooLarge(f"request head is larger than {self._max_head} bytes"))
+                    else:
+                        self._buf = data
+                    return
+                if head is FALLBACK:
+                    self._start_h11(data)
+                    return
+                end = head.head_length  # type: ignore[union-attr]
+                if end > self._max_head:
+                    self._on_bad_input(HeadersTooLarge(f"request head is larger than {self._max_head} bytes"))
+                    return
+                data = data[end:] if len(data) > end else b""
+                self._keep_alive = head.keep_alive  # type: ignore[union-attr]
+                length = head.content_length  # type: ignore[union-attr]
+                framing = RequestFraming(length, False) if length else _NO_BODY_FRAMING
+                request = RequestHead(head.method, head.target, head.headers)  # type: ignore[union-attr]
+                if not self._start_request(request, framing):
+                    return
+                if length:
+                    self._body_left = length
+                    self._mode = _FAST_BODY
+                else:
+                    self.body.feed_eof()  # type: ignore[union-attr]
+                    self._mode = _FAST_DONE
+            else:  # _FAST_DONE: a pipelined request waits for the current response
+                self._buf = data
+                if len(data) > self._max_head:
+                    self.read_gate.pause(PIPELINE_WAIT)  # type: ignore[union-attr]
+                return
+
+    def _on_body_bytes(self, chunk: bytes) -> None:
+        body = self.body
+        assert body is not None
+        self._body_left -= len(chunk)
+        body.feed(chunk)
+        if not self._body_left:
+            body.feed_eof()
+            self._mode = _FAST_DONE
+
+    # --- request side: h11 -------------------------------------------------------------
+
+    def _start_h11(self, data: bytes) -> None:
+        self._mode = _H11
+        conn = self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
+        conn.receive_data(data)
+        self._process_h11()
+
+    def _process_h11(self) -> None:
         conn = self.h11
+        assert conn is not None
         while not self.closed:
             try:
                 event: Any = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                self._on_bad_input(_client_error(exc, self.proxy.settings.max_header_size))
+                self._on_bad_input(_client_error(exc, self._max_head))
                 return
             kind = type(event)
             if kind is _Data:
@@ -192,16 +303,17 @@ class ClientConnection(asyncio.Protocol):
             elif event is _PAUSED:
                 # A pipelined request waits for the current response. Keep
                 # reading (to notice a client that leaves) unless it piles up.
-                if len(conn.trailing_data[0]) > self.proxy.settings.max_header_size:
+                if len(conn.trailing_data[0]) > self._max_head:
                     self.read_gate.pause(PIPELINE_WAIT)  # type: ignore[union-attr]
                 return
             elif kind is _Request:
-                self._on_request(event)
+                self._on_h11_request(event)
             else:  # ConnectionClosed: the client sent EOF between requests
                 self.close()
                 return
 
-    def _on_request(self, request: h11.Request) -> None:
+    def _on_h11_request(self, event: h11.Request) -> None:
+        request = RequestHead(event.method, event.target, list(event.headers), event.http_version)
         try:
             if request.http_version not in _SUPPORTED_VERSIONS:
                 raise VersionNotSupported(f"HTTP/{request.http_version.decode()} is not supported")
@@ -210,28 +322,34 @@ class ClientConnection(asyncio.Protocol):
             head_size = len(request.target) + len(request.method) + 14
             for name, value in request.headers:
                 head_size += len(name) + len(value) + 4
-            if head_size > self.proxy.settings.max_header_size:
-                raise HeadersTooLarge(f"request head is larger than {self.proxy.settings.max_header_size} bytes")
+            if head_size > self._max_head:
+                raise HeadersTooLarge(f"request head is larger than {self._max_head} bytes")
             if request.method == b"CONNECT":
                 raise MethodNotAllowed("CONNECT is not supported by a reverse proxy")
             framing = request_framing(request.headers)
-            if framing.content_length is not None and framing.content_length > self._max_body:
-                raise BodyTooLarge(
-                    f"request body of {framing.content_length} bytes is larger than {self._max_body} bytes"
-                )
         except ProxyError as exc:
             self._on_bad_input(exc)
             return
-        gate = self.read_gate
-        self.body = RequestBody(
-            self.loop,
-            lambda: gate.pause(BODY_BUFFER_FULL),  # type: ignore[union-attr]
-            lambda: gate.resume(BODY_BUFFER_FULL),  # type: ignore[union-attr]
-        )
-        if not framing.has_body:
-            # h11 emits EndOfMessage right away; nothing to wait for.
-            pass
+        self._start_request(request, framing)
+
+    # --- both paths ----------------------------------------------------------------------
+
+    def _start_request(self, request: RequestHead, framing: RequestFraming) -> bool:
+        if framing.content_length is not None and framing.content_length > self._max_body:
+            self._on_bad_input(
+                BodyTooLarge(f"request body of {framing.content_length} bytes is larger than {self._max_body} bytes")
+            )
+            return False
+        self._method = request.method
+        self.body = RequestBody(self.loop, self._body_full, self._body_drained)
         self.task = self.loop.create_task(self.proxy.handler.handle(self, request, self.body, framing))
+        return True
+
+    def _body_full(self) -> None:
+        self.read_gate.pause(BODY_BUFFER_FULL)  # type: ignore[union-attr]
+
+    def _body_drained(self) -> None:
+        self.read_gate.resume(BODY_BUFFER_FULL)  # type: ignore[union-attr]
 
     def _on_bad_input(self, exc: ProxyError) -> None:
         """Malformed input: never forwarded; answered (if we still can) and closed."""
@@ -241,60 +359,103 @@ class ClientConnection(asyncio.Protocol):
             # aborts any upstream exchange the body was flowing into.
             self.body.fail(exc)
             return
-        if self.response_started:  # pragma: no cover - no handler means no response
-            self.close()
-            return
         self.proxy.stats_client_errors += 1
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.response_started:
             self.transport.write(raw_error_response(exc))
         self.close()
 
     # --- response side (called by the handler and its exchange) ---------------------------
 
     def send_continue(self) -> None:
-        if self.h11.client_is_waiting_for_100_continue and not self.closed:
-            self.transport.write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))  # type: ignore
+        conn = self.h11
+        if conn is not None and conn.client_is_waiting_for_100_continue and not self.closed:
+            self.transport.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))  # type: ignore
 
-    def send_head(self, status: int, headers: List[Tuple[bytes, bytes]], reason: bytes = b"") -> None:
+    def start_response(self, status: int, reason: bytes, headers: List[Tuple[bytes, bytes]]) -> None:
+        """Queue the response head. ``headers`` are already cleaned for the client and
+        carry a Content-Length only when the upstream declared one (else: chunked)."""
         self.response_started = True
         if self.closed:
             return
-        if self.must_close or self.proxy.draining:
+        closing = self.must_close or self.proxy.draining
+        if self._mode == _H11:
+            if closing:
+                headers.append(_CLOSE_HEADER)
+            self._out.append(self.h11.send(h11.Response(status_code=status, headers=headers, reason=reason)))  # type: ignore
+            return
+        if self._method == b"HEAD" or status == 204 or status == 304:
+            self._framing = _FRAME_NONE
+        elif (headers and headers[-1][0] == b"content-length") or any(n == b"content-length" for n, _ in headers):
+            self._framing = _FRAME_LENGTH
+        else:
+            self._framing = _FRAME_CHUNKED
+            headers.append(_CHUNKED_HEADER)
+        if closing or not self._keep_alive:
             headers.append(_CLOSE_HEADER)
-        self.transport.write(self.h11.send(_Response(status_code=status, headers=headers, reason=reason)))  # type: ignore
+        self._out.append(serialize_response_head(status, reason, headers))
 
     def send_data(self, data: bytes) -> None:
-        if not self.closed:
-            self.transport.writelines(self.h11.send_with_data_passthrough(_Data(data=data)))  # type: ignore
+        if self.closed:
+            return
+        if self._mode == _H11:
+            self._out += self.h11.send_with_data_passthrough(_Data(data=data))  # type: ignore
+        elif self._framing == _FRAME_LENGTH:
+            self._out.append(data)
+        elif self._framing == _FRAME_CHUNKED and data:
+            self._out += chunk_pieces(data)
+
+    def flush(self) -> None:
+        out = self._out
+        if out:
+            self._out = []
+            if not self.closed:
+                if len(out) == 1:
+                    self.transport.write(out[0])  # type: ignore[union-attr]
+                else:
+                    self.transport.writelines(out)  # type: ignore[union-attr]
 
     def finish_response(self) -> None:
         """The response is complete: write its end, then start the next keep-alive cycle."""
         self.exchange = None
         self.task = None
         if self.closed:
+            self._out = []
             return
-        self.transport.write(self.h11.send(_END))  # type: ignore
+        mode = self._mode
+        if mode == _H11:
+            conn = self.h11
+            assert conn is not None
+            self._out.append(conn.send(_END))  # type: ignore[arg-type]
+            self.flush()
+            reusable = conn.our_state is _DONE and conn.their_state is _DONE
+            leftover = conn.trailing_data[0] if reusable else b""
+            self.h11 = None
+        else:
+            if self._framing == _FRAME_CHUNKED:
+                self._out.append(LAST_CHUNK)
+            self.flush()
+            # A request body still unread means we cannot find the next request.
+            reusable = self._keep_alive and mode == _FAST_DONE
+            leftover = self._buf
+            self._buf = b""
         self.body = None
         self.response_started = False
-        conn = self.h11
-        if (
-            self.must_close
-            or self.proxy.draining
-            or conn.our_state is not _DONE
-            or conn.their_state is not _DONE  # request body unread: cannot find the next request
-        ):
+        if not reusable or self.must_close or self.proxy.draining:
             self.close()
             return
-        conn.start_next_cycle()
+        self._mode = _FAST_HEAD
+        self._keep_alive = True
         self.last_activity = self.loop.time()
         self.read_gate.resume(PIPELINE_WAIT)  # type: ignore[union-attr]
-        self._process()
+        if leftover:
+            self._consume(leftover)
 
     def abort_truncated(self) -> None:
         """The upstream broke mid-body: end the connection without completing the message,
         so the client sees a truncated response, never a fake complete one."""
         self.exchange = None
         self.task = None
+        self.flush()
         self.close()
 
     def send_error(self, exc: ProxyError) -> None:
@@ -303,7 +464,7 @@ class ClientConnection(asyncio.Protocol):
         if self.response_started:
             self.abort_truncated()
             return
-        if isinstance(exc, BadRequest) or self.h11.our_state is not h11.SEND_RESPONSE:
+        if isinstance(exc, BadRequest) or (self._mode == _H11 and self.h11.our_state is not h11.SEND_RESPONSE):  # type: ignore
             self.exchange = None
             self.task = None
             self.proxy.stats_client_errors += isinstance(exc, BadRequest)
@@ -311,7 +472,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         status, headers, body = error_response_parts(exc)
-        self.send_head(status, headers)
+        self.start_response(status, HTTPStatus(status).phrase.encode("ascii"), headers)
         self.send_data(body)
         self.finish_response()
 

@@ -1,4 +1,4 @@
-"""One upstream HTTP/1.1 connection: an asyncio Protocol driving an h11 CLIENT.
+"""One upstream HTTP/1.1 connection, as an asyncio Protocol.
 
 States are explicit (RFC 9112 §9.3 persistence):
 
@@ -6,10 +6,16 @@ States are explicit (RFC 9112 §9.3 persistence):
          \\          \\         \\
           `---------> CLOSED <--'
 
-A connection goes back to IDLE only when both h11 sides are DONE; anything
-else (an error, an early response while the request body was still being
-sent, a response that must close) closes it. Response events are handed to
-the current *exchange* by plain method calls -- no task or future per chunk.
+Requests are written by pyproxy itself (the fields were validated when they
+were parsed). A response head is read by the fast path when it has the common
+shape -- HTTP/1.1 framed by Content-Length -- and the body is then relayed by
+counting bytes; any other response is handed, from its first byte, to a fresh
+h11 CLIENT connection that parses it (chunked, close-delimited, HEAD, 1xx,
+anything unusual). A connection goes back to IDLE only when the request was
+fully sent, the response fully read, and nothing says close; anything else
+(an error, extra bytes, an early response while the body was still being
+sent) closes it. Response events reach the current *exchange* by plain
+method calls: no task or future per chunk.
 """
 
 from __future__ import annotations
@@ -21,12 +27,9 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 import h11
 
-from pyproxy.errors import (
-    ProxyError,
-    UpstreamDisconnected,
-    UpstreamProtocolError,
-    UpstreamTimeout,
-)
+from pyproxy.errors import ProxyError, UpstreamDisconnected, UpstreamProtocolError, UpstreamTimeout
+from pyproxy.http.fastpath import FALLBACK, LAST_CHUNK, NEED_MORE, chunk_pieces, parse_response_head
+from pyproxy.http.messages import ResponseHead
 from pyproxy.server.flow import WriteGate
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,7 +42,15 @@ ACTIVE = "active"
 IDLE = "idle"
 CLOSED = "closed"
 
-_Request = h11.Request
+# where the current response is
+_NO_RESPONSE = 0  # idle: nothing expected
+_AWAIT_HEAD = 1  # fast path: collecting a response head
+_FAST_BODY = 2  # fast path: Content-Length body, counting bytes
+_H11 = 3  # h11 parses this response
+
+# A response head larger than this is h11's problem (it rejects > 16 KiB).
+_MAX_FAST_HEAD = 64 * 1024
+
 _Response = h11.Response
 _Data = h11.Data
 _EndOfMessage = h11.EndOfMessage
@@ -47,16 +58,19 @@ _InformationalResponse = h11.InformationalResponse
 _NEED_DATA = h11.NEED_DATA
 _PAUSED = h11.PAUSED
 _DONE = h11.DONE
-_END = _EndOfMessage()
 
 
 class ExchangeListener:
     """What a connection reports to the request it currently carries."""
 
-    def on_response(self, response: h11.Response) -> None:  # pragma: no cover - interface
+    def on_response(self, head: ResponseHead) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def on_body(self, data: bytes) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def on_flush(self) -> None:  # pragma: no cover
+        """End of one read from the upstream: push what was relayed to the client."""
         raise NotImplementedError
 
     def on_end(self) -> None:  # pragma: no cover
@@ -80,13 +94,13 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool",
         "loop",
-        "h11",
         "transport",
         "state",
         "listener",
         "idle_since",
         "requests_started",
         "request_sent",
+        "request_complete",
         "response_started",
         "last_read",
         "read_timeout",
@@ -94,18 +108,25 @@ class UpstreamConnection(asyncio.Protocol):
         "_timer",
         "_reading_paused",
         "_eof",
+        "_mode",
+        "_buf",
+        "_body_left",
+        "_method",
+        "_chunked",
+        "_keep_alive",
+        "_h11",
     )
 
     def __init__(self, pool: "ConnectionPool", loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
         self.pool = pool
         self.loop = loop
-        self.h11 = h11.Connection(h11.CLIENT)
         self.transport: Optional[asyncio.Transport] = None
         self.state = CONNECTING
         self.listener: Optional[ExchangeListener] = None
         self.idle_since = 0.0
         self.requests_started = 0
         self.request_sent = False
+        self.request_complete = False
         self.response_started = False
         self.last_read = 0.0
         self.read_timeout = read_timeout
@@ -113,6 +134,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer: Optional[asyncio.TimerHandle] = None
         self._reading_paused = False
         self._eof = False
+        self._mode = _NO_RESPONSE
+        self._buf = b""
+        self._body_left = 0
+        self._method = b""
+        self._chunked = False
+        self._keep_alive = True
+        self._h11: Optional[h11.Connection] = None
 
     # --- asyncio callbacks ---------------------------------------------------
 
@@ -122,31 +150,37 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = self.loop.time()
-        if self.listener is None:
-            # Nothing may arrive on an idle connection (RFC 9112 §9.3 allows no
-            # unsolicited responses); the byte stream can no longer be trusted.
+        listener = self.listener
+        if listener is None:
+            # Nothing may arrive on an idle connection (RFC 9112 §9.3 has no
+            # unsolicited responses): the byte stream can no longer be trusted.
             self.close()
             return
-        try:
-            self.h11.receive_data(data)
-        except h11.RemoteProtocolError as exc:  # pragma: no cover - h11 defers errors to next_event
-            self._fail(UpstreamProtocolError(f"invalid response from upstream: {exc}"))
-            return
-        self._process_events()
+        mode = self._mode
+        if mode == _FAST_BODY:
+            self._relay_body(data)
+        elif mode == _AWAIT_HEAD:
+            self._read_head(data)
+        else:
+            self._h11.receive_data(data)  # type: ignore[union-attr]
+            self._process_h11()
+        listener = self.listener
+        if listener is not None:
+            listener.on_flush()
 
     def eof_received(self) -> Optional[bool]:
+        self._eof = True
         if self.listener is None:
             # The upstream closed an idle keep-alive connection: stale, drop it
             # now so the pool never hands it out.
             self.close()
             return False
-        # A close-delimited body ends here (RFC 9112 §6.3 ¶8); h11 decides.
-        self._eof = True
-        try:
-            self.h11.receive_data(b"")
-        except h11.RemoteProtocolError:  # pragma: no cover
-            pass
-        self._process_events()
+        if self._mode == _H11:
+            # A close-delimited body ends here (RFC 9112 §6.3 ¶8); h11 decides.
+            self._h11.receive_data(b"")  # type: ignore[union-attr]
+            self._process_h11()
+        else:
+            self._fail(self._disconnected())
         return False
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
@@ -165,10 +199,67 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_gate.resume()
 
-    # --- events from h11 -------------------------------------------------------
+    # --- the fast path: Content-Length responses ----------------------------------
 
-    def _process_events(self) -> None:
-        conn = self.h11
+    def _read_head(self, data: bytes) -> None:
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        head = parse_response_head(data, self._method)
+        if head is NEED_MORE:
+            if len(data) > _MAX_FAST_HEAD:
+                self._use_h11(data)
+            else:
+                self._buf = data
+            return
+        if head is FALLBACK:
+            self._use_h11(data)
+            return
+        self.response_started = True
+        self._keep_alive = head.keep_alive  # type: ignore[union-attr]
+        self._body_left = head.content_length  # type: ignore[union-attr]
+        self._mode = _FAST_BODY
+        self.listener.on_response(ResponseHead(head.status, head.reason, head.headers))  # type: ignore
+        rest = data[head.head_length :]  # type: ignore[union-attr]
+        if self._body_left == 0:
+            if rest:
+                self._keep_alive = False  # bytes after the message: not trustworthy
+            self._response_complete()
+        elif rest:
+            self._relay_body(rest)
+
+    def _relay_body(self, data: bytes) -> None:
+        left = self._body_left
+        size = len(data)
+        if size < left:
+            self._body_left = left - size
+            self.listener.on_body(data)  # type: ignore[union-attr]
+            return
+        if size > left:
+            # More than Content-Length announced (RFC 9112 §6.3): relay what
+            # was declared, never reuse the connection.
+            self._keep_alive = False
+            data = data[:left]
+        self._body_left = 0
+        self.listener.on_body(data)  # type: ignore[union-attr]
+        self._response_complete()
+
+    # --- the h11 path: every other response ---------------------------------------
+
+    def _use_h11(self, data: bytes) -> None:
+        conn = h11.Connection(h11.CLIENT)
+        # h11 must know the request method (HEAD has no body) but not its
+        # body, which this connection frames itself: tell it a bodiless one.
+        conn.send(h11.Request(method=self._method, target="/", headers=[("host", "upstream")]))
+        conn.send(_EndOfMessage())
+        self._h11 = conn
+        self._mode = _H11
+        conn.receive_data(data)
+        self._process_h11()
+
+    def _process_h11(self) -> None:
+        conn = self._h11
+        assert conn is not None
         while self.listener is not None:
             try:
                 event: Any = conn.next_event()
@@ -185,8 +276,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.listener.on_body(event.data)
             elif kind is _Response:
                 self.response_started = True
-                self.listener.on_response(event)
+                self.listener.on_response(ResponseHead(event.status_code, event.reason, list(event.headers)))
             elif kind is _EndOfMessage:
+                self._keep_alive = conn.their_state is _DONE and not conn.trailing_data[0]
                 self._response_complete()
                 return
             elif event is _NEED_DATA or event is _PAUSED:
@@ -196,6 +288,8 @@ class UpstreamConnection(asyncio.Protocol):
             else:  # ConnectionClosed before the end: truncation
                 self._fail(self._disconnected())
                 return
+
+    # --- endings ---------------------------------------------------------------------
 
     def _disconnected(self) -> UpstreamDisconnected:
         return UpstreamDisconnected(
@@ -210,12 +304,9 @@ class UpstreamConnection(asyncio.Protocol):
         listener = self.listener
         self.listener = None
         self._cancel_timer()
-        reusable = self.h11.our_state is _DONE and self.h11.their_state is _DONE
-        if reusable:
-            try:
-                self.h11.start_next_cycle()
-            except h11.LocalProtocolError:  # pragma: no cover - defensive
-                reusable = False
+        self._mode = _NO_RESPONSE
+        self._h11 = None
+        reusable = self._keep_alive and self.request_complete and not self._eof
         if listener is not None:
             listener.on_end()
         if reusable and self.state == ACTIVE and not self.transport.is_closing():  # type: ignore[union-attr]
@@ -233,38 +324,70 @@ class UpstreamConnection(asyncio.Protocol):
         if listener is not None:
             listener.on_error(exc)
 
-    # --- used by the pool and the exchange -------------------------------------
+    # --- used by the exchange ------------------------------------------------------------
 
-    def start_exchange(self, listener: ExchangeListener, request: h11.Request) -> None:
-        """Bind to a request and write its head. Raises if the socket is already gone."""
+    def start_exchange(
+        self,
+        listener: ExchangeListener,
+        method: bytes,
+        head: bytes,
+        chunked: bool,
+        body: Optional[List[bytes]] = None,
+        end: bool = False,
+    ) -> None:
+        """Bind to a request and write its head (and body, when already complete).
+
+        Raises UpstreamDisconnected(request_sent=False) if the socket is already gone.
+        """
         transport = self.transport
         if self.state != ACTIVE or transport is None or transport.is_closing():
             raise UpstreamDisconnected("pooled upstream connection closed before use", request_sent=False, reused=True)
         self.listener = listener
         self.requests_started += 1
-        self.request_sent = False
         self.response_started = False
-        data = self.h11.send(request)
-        transport.write(data)  # type: ignore[arg-type]
+        self.request_complete = False
+        self._method = method
+        self._chunked = chunked
+        self._keep_alive = True
+        self._mode = _AWAIT_HEAD
+        self._buf = b""
+        pieces = [head]
+        if body:
+            self._frame(body, pieces)
+        if end:
+            if chunked:
+                pieces.append(LAST_CHUNK)
+            self.request_complete = True
+        if len(pieces) == 1:
+            transport.write(head)
+        else:
+            transport.writelines(pieces)
         self.request_sent = True
         self.last_read = self.loop.time()
         self._timer = self.loop.call_later(self.read_timeout, self._check_read_timeout)
 
+    def _frame(self, chunks: List[bytes], out: List[bytes]) -> None:
+        if self._chunked:
+            for chunk in chunks:
+                if chunk:
+                    out += chunk_pieces(chunk)
+        else:
+            out += chunks
+
     def send_body_chunks(self, chunks: List[bytes]) -> None:
-        """Write body chunks, framed by h11, without copying them."""
-        if self.state != ACTIVE or self.listener is None or self.h11.our_state is not h11.SEND_BODY:
+        """Write body chunks, framed, without copying them."""
+        if self.state != ACTIVE or self.listener is None or self.request_complete:
             return
-        send = self.h11.send_with_data_passthrough
         pieces: List[bytes] = []
-        for chunk in chunks:
-            pieces.extend(send(_Data(data=chunk)))  # type: ignore[arg-type]
+        self._frame(chunks, pieces)
         self.transport.writelines(pieces)  # type: ignore[union-attr]
 
     def send_end(self) -> None:
-        if self.state == ACTIVE and self.h11.our_state is h11.SEND_BODY:
-            self.transport.write(self.h11.send(_END))  # type: ignore[union-attr,arg-type]
-            if self.listener is None and self.h11.their_state is _DONE:  # pragma: no cover
-                self.close()
+        if self.state != ACTIVE or self.request_complete:
+            return
+        self.request_complete = True
+        if self._chunked:
+            self.transport.write(LAST_CHUNK)  # type: ignore[union-attr]
 
     async def drain(self) -> None:
         await self._write_gate.drain()
@@ -287,7 +410,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def detach(self) -> None:
-        """The request no longer wants this connection (client gone): close it."""
+        """The request no longer wants this connection (client gone): close it now."""
         self.listener = None
         self.abort()
 
@@ -317,12 +440,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer = None
         if self.listener is None or self.state != ACTIVE:
             return
-        now = self.loop.time()
         if self._reading_paused:
             # Waiting on the client, not the upstream: not the upstream's silence.
             self._timer = self.loop.call_later(self.read_timeout, self._check_read_timeout)
             return
-        silent_for = now - self.last_read
+        silent_for = self.loop.time() - self.last_read
         if silent_for >= self.read_timeout:
             self._fail(UpstreamTimeout(f"upstream sent nothing for {self.read_timeout:g} s (read timeout)"))
         else:
@@ -332,7 +454,3 @@ class UpstreamConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-
-def request_event(method: bytes, target: bytes, headers: List[Any]) -> h11.Request:
-    return _Request(method=method, target=target, headers=headers)

@@ -1,4 +1,5 @@
 """The README stays true: its test command is what CI runs, its table lists every option."""
+
 from __future__ import annotations
 
 import re
