@@ -25,6 +25,9 @@ from pyproxy.upstream.connection import ACTIVE, CLOSED, IDLE, UpstreamConnection
 
 log = logging.getLogger("pyproxy.pool")
 
+# Idle connections beyond --keepalive-connections live at most this long.
+SURPLUS_GRACE = 1.0
+
 # A waiter is woken with a ready connection, or with SLOT: "you may open one".
 SLOT = object()
 Grant = Union[UpstreamConnection, object]
@@ -56,6 +59,8 @@ class ConnectionPool:
         self.loop = loop
         self.max_connections = settings.pool_connections
         self.max_idle = settings.keepalive_connections
+        # how many more may sit idle briefly (see release)
+        self.max_surplus = settings.pool_connections - settings.keepalive_connections
         self.keepalive_expiry = settings.keepalive_expiry
         self.connect_timeout = settings.connect_timeout
         self.read_timeout = settings.read_timeout
@@ -208,14 +213,20 @@ class ConnectionPool:
                 self.stats.reuses += 1
                 waiter.set_result(conn)
                 return
-        if len(self.idle) >= self.max_idle:
+        if len(self.idle) >= self.max_idle + self.max_surplus:
             conn.close()
             return
+        # Past --keepalive-connections the connection is still kept for a
+        # moment: under a burst wider than the idle bound, closing it now only
+        # to open another an instant later would churn sockets. The sweep
+        # trims the surplus once it has sat idle for SURPLUS_GRACE.
         conn.state = IDLE
-        conn.idle_since = self.loop.time()
+        now = conn.idle_since = self.loop.time()
         self.idle.append(conn)
-        if self._sweep is None:
-            self._sweep = self.loop.call_later(self.keepalive_expiry, self._sweep_idle)
+        delay = self.keepalive_expiry
+        if len(self.idle) > self.max_idle:
+            delay = min(delay, SURPLUS_GRACE)
+        self._schedule_sweep(now + delay)
 
     def on_connection_closed(self, conn: UpstreamConnection) -> None:
         """Called once per connection when it closes, whoever closed it."""
@@ -248,9 +259,22 @@ class ConnectionPool:
             conn = idle.popleft()
             self.stats.expired += 1
             conn.close()
+        # The oldest idle connections beyond the idle bound, once past the grace.
+        while len(idle) > self.max_idle and idle[0].is_expired(now, SURPLUS_GRACE):
+            idle.popleft().close()
         if idle:
-            delay = max(0.05, idle[0].idle_since + self.keepalive_expiry - now)
-            self._sweep = self.loop.call_later(delay, self._sweep_idle)
+            when = idle[0].idle_since + self.keepalive_expiry
+            if len(idle) > self.max_idle:
+                when = min(when, idle[0].idle_since + SURPLUS_GRACE)
+            self._schedule_sweep(max(now + 0.05, when))
+
+    def _schedule_sweep(self, when: float) -> None:
+        """One timer for the whole pool, moved earlier when needed, never later."""
+        if self._sweep is not None:
+            if self._sweep.when() <= when:
+                return
+            self._sweep.cancel()
+        self._sweep = self.loop.call_at(when, self._sweep_idle)
 
     # --- shutdown --------------------------------------------------------------------
 

@@ -226,6 +226,7 @@ def test_common_responses_do_take_the_fast_path() -> None:
 
 TRICKY = st.sampled_from(
     [b"a", b"Z", b"-", b"_", b":", b" ", b"\t", b"\r", b"\n", b"\r\n", b"\x00", b"\x01", b"\x7f", b"\x80", b"\xff",
+     b"\x0b", b"\x0c", b"\x1c", b"\x1f", b"\x85", b"\xa0", b"@", b"(", b"/",
      b"0", b"9", b",", b";", b"=", b"\"", b"close", b"keep-alive", b"chunked", b"content-length", b"host",
      b"transfer-encoding", b"connection", b"expect"]
 )  # fmt: skip

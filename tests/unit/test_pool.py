@@ -9,6 +9,7 @@ import pytest
 from pyproxy.config import Settings, parse_upstream
 from pyproxy.errors import PoolTimeout
 from pyproxy.upstream.connection import ACTIVE, CLOSED, IDLE, UpstreamConnection
+from pyproxy.upstream import pool as pool_module
 from pyproxy.upstream.pool import ConnectionPool
 from tests.support.fakes import FakeTransport
 
@@ -69,12 +70,30 @@ async def test_sweep_timer_expires_idle_connections() -> None:
     pool.close()
 
 
-async def test_idle_bound_closes_surplus() -> None:
+async def test_idle_surplus_is_kept_briefly_then_trimmed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past --keepalive-connections a released connection survives a short grace
+    (a burst reuses it instead of reconnecting), then the oldest surplus goes."""
+    monkeypatch.setattr(pool_module, "SURPLUS_GRACE", 0.05)
     pool = make_pool(pool_connections=5, keepalive_connections=1)
     a, b = add_connection(pool), add_connection(pool)
     pool.release(a)
     pool.release(b)
-    assert list(pool.idle) == [a] and b.state == CLOSED
+    assert list(pool.idle) == [a, b]
+    assert await pool.acquire() is b  # reused during the burst
+    pool.release(b)
+    deadline = pool.loop.time() + 5
+    while len(pool.idle) > 1 and pool.loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert list(pool.idle) == [b] and a.state == CLOSED
+    pool.close()
+
+
+async def test_idle_hard_bound_is_the_pool_size() -> None:
+    pool = make_pool(pool_connections=2, keepalive_connections=1)
+    conns = [add_connection(pool) for _ in range(3)]  # one more than the pool allows
+    for conn in conns:
+        pool.release(conn)
+    assert list(pool.idle) == conns[:2] and conns[2].state == CLOSED
     pool.close()
 
 
