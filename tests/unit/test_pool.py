@@ -8,8 +8,8 @@ import pytest
 
 from pyproxy.config import Settings, parse_upstream
 from pyproxy.errors import PoolTimeout
-from pyproxy.upstream.connection import ACTIVE, CLOSED, IDLE, UpstreamConnection
 from pyproxy.upstream import pool as pool_module
+from pyproxy.upstream.connection import ACTIVE, CLOSED, IDLE, UpstreamConnection
 from pyproxy.upstream.pool import ConnectionPool
 from tests.support.fakes import FakeTransport
 
