@@ -116,6 +116,7 @@ class ClientConnection(asyncio.Protocol):
         "client_ip",
         "body",
         "task",
+        "busy",
         "exchange",
         "response_started",
         "closed",
@@ -143,6 +144,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = b""
         self.body: Optional[RequestBody] = None
         self.task: Optional[asyncio.Task[None]] = None
+        self.busy = False  # a request is in flight (with or without a task)
         self.exchange: Optional["Exchange"] = None
         self.response_started = False
         self.closed = False
@@ -247,14 +249,23 @@ class ClientConnection(asyncio.Protocol):
                 length = head.content_length  # type: ignore[union-attr]
                 framing = RequestFraming(length, False) if length else _NO_BODY_FRAMING
                 request = RequestHead(head.method, head.target, head.headers)  # type: ignore[union-attr]
-                if not self._start_request(request, framing):
+                if not self._begin_request(request, framing):
                     return
                 if length:
+                    # Body bytes already here go in before the handler starts, so
+                    # a small POST is as complete as a GET and needs no task.
                     self._body_left = length
                     self._mode = _FAST_BODY
+                    if data:
+                        if len(data) <= length:
+                            chunk, data = data, b""
+                        else:
+                            chunk, data = data[:length], data[length:]
+                        self._on_body_bytes(chunk)
                 else:
                     self.body.feed_eof()  # type: ignore[union-attr]
                     self._mode = _FAST_DONE
+                self.proxy.handler.start(self, request, self.body, framing)  # type: ignore[arg-type]
             else:  # _FAST_DONE: a pipelined request waits for the current response
                 self._buf = data
                 if len(data) > self._max_head:
@@ -330,19 +341,20 @@ class ClientConnection(asyncio.Protocol):
         except ProxyError as exc:
             self._on_bad_input(exc)
             return
-        self._start_request(request, framing)
+        if self._begin_request(request, framing):
+            self.task = self.loop.create_task(self.proxy.handler.handle(self, request, self.body, framing))  # type: ignore
 
     # --- both paths ----------------------------------------------------------------------
 
-    def _start_request(self, request: RequestHead, framing: RequestFraming) -> bool:
+    def _begin_request(self, request: RequestHead, framing: RequestFraming) -> bool:
         if framing.content_length is not None and framing.content_length > self._max_body:
             self._on_bad_input(
                 BodyTooLarge(f"request body of {framing.content_length} bytes is larger than {self._max_body} bytes")
             )
             return False
         self._method = request.method
+        self.busy = True
         self.body = RequestBody(self.loop, self._body_full, self._body_drained)
-        self.task = self.loop.create_task(self.proxy.handler.handle(self, request, self.body, framing))
         return True
 
     def _body_full(self) -> None:
@@ -354,10 +366,13 @@ class ClientConnection(asyncio.Protocol):
     def _on_bad_input(self, exc: ProxyError) -> None:
         """Malformed input: never forwarded; answered (if we still can) and closed."""
         self.must_close = True
-        if self.task is not None and self.body is not None:
-            # A handler owns this request: it answers (or truncates) and
-            # aborts any upstream exchange the body was flowing into.
-            self.body.fail(exc)
+        if self.busy:
+            if self.task is not None and self.body is not None:
+                # A handler task owns this request: it answers (or truncates)
+                # and aborts any upstream exchange the body was flowing into.
+                self.body.fail(exc)
+            else:  # pragma: no cover - taskless requests are complete: nothing left to parse
+                self.close()
             return
         self.proxy.stats_client_errors += 1
         if self.transport is not None and not self.closed and not self.response_started:
@@ -418,6 +433,7 @@ class ClientConnection(asyncio.Protocol):
         """The response is complete: write its end, then start the next keep-alive cycle."""
         self.exchange = None
         self.task = None
+        self.busy = False
         if self.closed:
             self._out = []
             return
@@ -455,6 +471,7 @@ class ClientConnection(asyncio.Protocol):
         so the client sees a truncated response, never a fake complete one."""
         self.exchange = None
         self.task = None
+        self.busy = False
         self.flush()
         self.close()
 
@@ -467,6 +484,7 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(exc, BadRequest) or (self._mode == _H11 and self.h11.our_state is not h11.SEND_RESPONSE):  # type: ignore
             self.exchange = None
             self.task = None
+            self.busy = False
             self.proxy.stats_client_errors += isinstance(exc, BadRequest)
             self.transport.write(raw_error_response(exc))  # type: ignore[union-attr]
             self.close()
@@ -487,7 +505,7 @@ class ClientConnection(asyncio.Protocol):
     def begin_drain(self) -> None:
         """Shutdown: an idle connection closes now, a busy one after its response."""
         self.must_close = True
-        if self.task is None and not self.response_started:
+        if not self.busy and not self.response_started:
             self.close()
 
     def _check_idle(self) -> None:
@@ -495,7 +513,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         timeout = self.proxy.settings.client_timeout
-        if self.task is None:
+        if not self.busy:
             idle_for = self.loop.time() - self.last_activity
             if idle_for >= timeout:
                 # Idle keep-alive, or a head that never completed (slowloris).

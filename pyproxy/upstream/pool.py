@@ -85,7 +85,7 @@ class ConnectionPool:
     async def acquire(self) -> UpstreamConnection:
         if self.closed:
             raise UpstreamConnectError("proxy is shutting down")
-        conn = self._take_idle()
+        conn = self.take_idle()
         if conn is not None:
             return conn
         if self.size < self.max_connections:
@@ -95,7 +95,7 @@ class ConnectionPool:
             return await self._open()
         return grant  # type: ignore[return-value]
 
-    def _take_idle(self) -> Optional[UpstreamConnection]:
+    def take_idle(self) -> Optional[UpstreamConnection]:
         """Decide: the most recently used live connection, closing expired ones."""
         now = self.loop.time()
         idle = self.idle

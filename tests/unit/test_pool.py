@@ -52,7 +52,7 @@ async def test_expired_idle_connections_are_closed_not_reused(monkeypatch: pytes
     a.idle_since = now - 5
     b.idle_since = now - 2
     # both expired: nothing to reuse, so acquire would connect; decide only
-    assert pool._take_idle() is None
+    assert pool.take_idle() is None
     assert a.state == CLOSED and b.state == CLOSED
     assert pool.stats.expired == 2 and not pool.idle
     pool.close()
