@@ -80,6 +80,23 @@ class ExchangeListener:
         raise NotImplementedError
 
 
+# asyncio's selector transports recv() up to 256 KiB per read, and on PyPy
+# each call pays for a buffer of that full size. Measured on PyPy 7.3.11
+# (small GET relay, 64 connections, one core): 256 KiB 19k req/s, 64 KiB
+# 26k, 16 KiB 38k. uvloop reads into its own buffer and has no such attribute.
+READ_SIZE = 16 * 1024
+
+
+def tune_transport(transport: asyncio.BaseTransport) -> None:
+    """Per-connection socket settings shared by both sides of the proxy."""
+    set_nodelay(transport)
+    if getattr(transport, "max_size", 0) > READ_SIZE:
+        try:
+            transport.max_size = READ_SIZE  # type: ignore[attr-defined]
+        except AttributeError:  # pragma: no cover - a C transport
+            pass
+
+
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
     """Small writes (an SSE event) must leave at once, not wait for Nagle."""
     sock = transport.get_extra_info("socket")
@@ -146,7 +163,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        set_nodelay(transport)
+        tune_transport(transport)
 
     def data_received(self, data: bytes) -> None:
         self.last_read = self.loop.time()
