@@ -1,0 +1,572 @@
+"""The side-by-side load benchmark: pyproxy against nginx, aiohttp and FastAPI+httpx.
+
+Every target runs pinned to core 0; the origin and the load generator share
+core 1. Absolute numbers drift on shared machines, so every row is also given
+as a ratio against nginx-as-proxy and against the origin direct, measured in
+the same run.
+
+    python -m benchmarks.run                 # everything, ~10 minutes
+    python -m benchmarks.run --quick         # shorter runs, for a smoke check
+    python -m benchmarks.run --targets pyproxy-pypy,nginx --scenarios get64
+
+Needs: nginx and wrk (Debian), pypy3, and for the peers aiohttp, fastapi,
+uvicorn, httpx, httptools, uvloop in the running (CPython) interpreter.
+Writes benchmarks/results/latest.json and .md, and docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TARGET_CORE = "0"
+LOAD_CORE = "1"
+
+CHAT_RESPONSE = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "gpt-bench",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "lorem ipsum dolor sit amet " * 60},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 300, "total_tokens": 312},
+    }
+)
+MODELS_RESPONSE = json.dumps(
+    {
+        "object": "list",
+        "data": [
+            {"id": f"gpt-bench-{i}", "object": "model", "created": 1700000000, "owned_by": "pyproxy-bench"}
+            for i in range(6)
+        ],
+    }
+)
+CHAT_REQUEST = json.dumps(
+    {"model": "gpt-bench", "temperature": 0, "messages": [{"role": "user", "content": "Say something. " * 20}]}
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port} after {timeout} s")
+
+
+class Service:
+    def __init__(self, name: str, argv: List[str], port: int, core: str, env: Optional[Dict[str, str]] = None) -> None:
+        self.name = name
+        self.port = port
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = str(ROOT)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", core, *argv],
+            cwd=str(ROOT),
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            wait_port(port)
+        except RuntimeError:
+            self.stop()
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+            raise RuntimeError(f"{name} did not start: {err[-2000:]}") from None
+
+    @property
+    def pid(self) -> int:
+        """The process doing the work (nginx: its single worker)."""
+        try:
+            children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+        except OSError:
+            children = []
+        if self.name.startswith("nginx") or self.name == "direct":
+            return int(children[0]) if children else self.proc.pid
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(10)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def nginx_conf(workdir: Path, body: str) -> Path:
+    conf = workdir / f"nginx-{abs(hash(body))}.conf"
+    conf.write_text(
+        f"""
+worker_processes 1;
+daemon off;
+master_process on;
+error_log {workdir}/nginx-error.log error;
+pid {workdir}/nginx-{abs(hash(body))}.pid;
+worker_rlimit_nofile 40000;
+events {{ worker_connections 30000; }}
+http {{
+  access_log off;
+  client_body_temp_path {workdir}/body; proxy_temp_path {workdir}/proxy;
+  fastcgi_temp_path {workdir}/fcgi; uwsgi_temp_path {workdir}/uwsgi; scgi_temp_path {workdir}/scgi;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  {body}
+}}
+"""
+    )
+    return conf
+
+
+def origin_conf(workdir: Path, port: int) -> Path:
+    (workdir / "models.json").write_text(MODELS_RESPONSE)
+    (workdir / "big.bin").write_bytes(os.urandom(1 << 20))
+    return nginx_conf(
+        workdir,
+        f"""
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location = /v1/models {{ default_type application/json; alias {workdir}/models.json; }}
+    location = /v1/chat/completions {{ default_type application/json; return 200 '{CHAT_RESPONSE}'; }}
+    location = /big {{ default_type application/octet-stream; alias {workdir}/big.bin; }}
+  }}""",
+    )
+
+
+def nginx_proxy_conf(workdir: Path, port: int, origin_port: int, sse_port: int) -> Path:
+    return nginx_conf(
+        workdir,
+        f"""
+  upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 32; }}
+  upstream sse {{ server 127.0.0.1:{sse_port}; keepalive 32; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_buffering off;
+    location /sse {{ proxy_pass http://sse; }}
+    location / {{ proxy_pass http://origin; }}
+  }}""",
+    )
+
+
+# --- wrk ---------------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def _seconds(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not match:
+        raise ValueError(text)
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _bytes(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)([KMG]?B)", text)
+    if not match:
+        raise ValueError(text)
+    return float(match.group(1)) * {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3}[match.group(2)]
+
+
+def wrk(url: str, connections: int, duration: float, script: Optional[Path] = None) -> Dict[str, float]:
+    argv = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{max(1, int(round(duration)))}s", "--latency", "--timeout", "10s"]
+    if script is not None:
+        argv += ["-s", str(script)]
+    out = subprocess.run(argv + [url], capture_output=True, text=True, timeout=duration + 60).stdout
+    result: Dict[str, float] = {}
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Requests/sec:"):
+            result["rps"] = float(line.split()[1])
+        elif line.startswith("Transfer/sec:"):
+            result["bytes_per_s"] = _bytes(line.split()[1])
+        elif re.match(r"^(50|99)%", line):
+            pct, value = line.split()
+            result["p" + pct.rstrip("%")] = _seconds(value)
+        elif line.startswith("Non-2xx"):
+            result["non2xx"] = float(line.split()[-1])
+        elif line.startswith("Socket errors"):
+            result["socket_errors"] = float(sum(int(n) for n in re.findall(r"\d+", line)))
+    if "rps" not in result:
+        raise RuntimeError(f"wrk gave no result for {url}: {out[-500:]}")
+    return result
+
+
+def warm_up(url: str, pypy: bool, max_seconds: float) -> Dict[str, float]:
+    """Load in 1 s slices until throughput is steady; report when it reached 90%."""
+    if not pypy:
+        wrk(url, 64, 2)
+        return {}
+    samples: List[float] = []
+    started = time.monotonic()
+    while time.monotonic() - started < max_seconds:
+        samples.append(wrk(url, 64, 1)["rps"])
+        if len(samples) >= 6 and max(samples[-3:]) <= 1.03 * statistics.median(samples[-6:-3]):
+            break
+    steady = statistics.median(samples[-3:])
+    to_90 = next(i + 1 for i, value in enumerate(samples) if value >= 0.9 * steady)
+    return {"warmup_seconds_to_90pct": float(to_90), "warmup_slices": float(len(samples)), "steady_rps": steady}
+
+
+# --- SSE and idle connections, measured with an asyncio client ------------------------------
+
+
+async def _sse_stream(port: int, n: int, interval: float, delays: List[float]) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /sse?n=%d&interval=%g HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n" % (n, interval))
+    events = 0
+    buffer = b""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"SSE request failed: {head[:100]!r}")
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            now = time.monotonic()
+            buffer += data
+            for stamp in re.findall(rb'"t":([\d.]+)', buffer):
+                delays.append(now - float(stamp))
+                events += 1
+            if b"[DONE]" in buffer:
+                break
+            buffer = buffer[buffer.rfind(b"\n\n") + 2 :] if b"\n\n" in buffer else buffer
+    finally:
+        writer.close()
+    return events
+
+
+def sse_scenario(port: int, pid: int, streams: int, n: int, interval: float) -> Dict[str, float]:
+    import psutil
+
+    proc = psutil.Process(pid)
+    before = proc.cpu_times()
+    delays: List[float] = []
+
+    async def run() -> List[int]:
+        sem = asyncio.Semaphore(100)
+
+        async def one() -> int:
+            async with sem:  # stagger connection setup
+                pass
+            return await _sse_stream(port, n, interval, delays)
+
+        return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(streams))), n * interval + 60)
+
+    started = time.monotonic()
+    counts = asyncio.run(run())
+    elapsed = time.monotonic() - started
+    after = proc.cpu_times()
+    cpu = (after.user - before.user) + (after.system - before.system)
+    events = sum(counts)
+    delays.sort()
+    return {
+        "events": float(events),
+        "expected_events": float(streams * n),
+        "cpu_us_per_event": 1e6 * cpu / max(events, 1),
+        "delay_p50": delays[len(delays) // 2] if delays else float("nan"),
+        "delay_p99": delays[int(len(delays) * 0.99)] if delays else float("nan"),
+        "elapsed": elapsed,
+    }
+
+
+def idle_scenario(port: int, pid: int, connections: int) -> Dict[str, float]:
+    import psutil
+
+    proc = psutil.Process(pid)
+
+    async def run() -> float:
+        writers = []
+        sem = asyncio.Semaphore(200)
+        rss_before = proc.memory_info().rss
+
+        async def one() -> None:
+            async with sem:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /v1/models HTTP/1.1\r\nHost: bench\r\n\r\n")
+                await reader.readuntil(b"\r\n\r\n")
+                writers.append(writer)
+
+        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(connections))), 120)
+        await asyncio.sleep(1.0)
+        rss_after = proc.memory_info().rss
+        for writer in writers:
+            writer.close()
+        return (rss_after - rss_before) / connections
+
+    return {"rss_bytes_per_idle_connection": asyncio.run(run()), "connections": float(connections)}
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+def machine() -> Dict[str, str]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(argv: List[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            return (done.stdout + done.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "missing"
+
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "cpython": version([sys.executable, "--version"]),
+        "pypy": version(["pypy3", "--version"]).replace("\n", " "),
+        "nginx": version(["nginx", "-v"]),
+        "wrk": version(["wrk", "-v"]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+TARGETS = ["direct", "pyproxy-pypy", "pyproxy-cpython", "nginx", "aiohttp", "fastapi"]
+SCENARIOS = ["get64", "post64", "get1", "big", "sse", "idle"]
+
+
+def start_target(name: str, workdir: Path, origin_port: int, sse_port: int, pypy: str) -> Service:
+    """``name`` relaying to the origin on ``origin_port`` (nginx also routes /sse to ``sse_port``)."""
+    port = free_port()
+    origin = f"http://127.0.0.1:{origin_port}"
+    if name == "pyproxy-pypy":
+        argv = [pypy, "-m", "pyproxy", "--upstream", origin, "--listen", f"127.0.0.1:{port}", "--log-level", "warning"]
+    elif name == "pyproxy-cpython":
+        argv = [sys.executable, "-m", "pyproxy", "--upstream", origin, "--listen", f"127.0.0.1:{port}",
+                "--log-level", "warning", "--loop", "uvloop"]  # fmt: skip
+    elif name == "nginx":
+        argv = ["nginx", "-c", str(nginx_proxy_conf(workdir, port, origin_port, sse_port))]
+    elif name == "aiohttp":
+        argv = [sys.executable, "-m", "benchmarks.peers.aiohttp_proxy", "--upstream", origin, "--port", str(port)]
+    elif name == "fastapi":
+        argv = [sys.executable, "-m", "benchmarks.peers.fastapi_proxy", "--upstream", origin, "--port", str(port)]
+    else:
+        raise ValueError(name)
+    return Service(name, argv, port, TARGET_CORE)
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    for tool in ("nginx", "wrk", "taskset"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"benchmarks: {tool} is not installed (apt-get install nginx wrk util-linux)")
+    workdir = Path(tempfile.mkdtemp(prefix="pyproxy-bench-"))
+    workdir.chmod(0o755)  # nginx workers run unprivileged and must read the files
+    for sub in ("body", "proxy", "fcgi", "uwsgi", "scgi"):
+        (workdir / sub).mkdir()
+    duration = 3.0 if args.quick else args.duration
+    origin_port = free_port()
+    sse_port = free_port()
+    origin = Service("origin", ["nginx", "-c", str(origin_conf(workdir, origin_port))], origin_port, LOAD_CORE)
+    sse_origin = Service(
+        "sse-origin", [args.pypy, str(ROOT / "benchmarks" / "sse_origin.py"), str(sse_port)], sse_port, LOAD_CORE
+    )
+    post_script = workdir / "post.lua"
+    post_script.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        'wrk.headers["Authorization"] = "Bearer sk-bench"\n'
+        f"wrk.body = [[{CHAT_REQUEST}]]\n"
+    )
+    results: Dict[str, Any] = {"machine": machine(), "duration": duration, "targets": {}}
+    try:
+        for name in args.targets:
+            print(f"== {name}", file=sys.stderr, flush=True)
+            service = origin if name == "direct" else start_target(name, workdir, origin_port, sse_port, args.pypy)
+            row: Dict[str, Any] = {}
+            try:
+                base = f"http://127.0.0.1:{service.port}"
+                row["warmup"] = warm_up(base + "/v1/models", name == "pyproxy-pypy", 30 if not args.quick else 10)
+                slow = name == "fastapi"
+                if "get64" in args.scenarios:
+                    row["get64"] = wrk(base + "/v1/models", 64, duration)
+                if "post64" in args.scenarios:
+                    row["post64"] = wrk(base + "/v1/chat/completions", 64, duration, post_script)
+                if "get1" in args.scenarios:
+                    row["get1"] = wrk(base + "/v1/models", 1, duration)
+                if "big" in args.scenarios:
+                    row["big"] = wrk(base + "/big", 16, duration)
+                if "sse" in args.scenarios:
+                    streams = 100 if (args.quick or slow) else args.sse_streams
+                    if name == "direct":
+                        row["sse"] = sse_scenario(sse_origin.port, sse_origin.pid, streams, 40, 0.05)
+                    elif name == "nginx":
+                        row["sse"] = sse_scenario(service.port, service.pid, streams, 40, 0.05)
+                    else:  # a second instance of the proxy, in front of the SSE origin
+                        sse_proxy = start_target(name, workdir, sse_port, sse_port, args.pypy)
+                        try:
+                            if name == "pyproxy-pypy":  # the JIT warms on this workload too
+                                sse_scenario(sse_proxy.port, sse_proxy.pid, streams, 20, 0.05)
+                            row["sse"] = sse_scenario(sse_proxy.port, sse_proxy.pid, streams, 40, 0.05)
+                        finally:
+                            sse_proxy.stop()
+                if "idle" in args.scenarios:
+                    count = 1000 if (args.quick or slow) else args.idle_connections
+                    row["idle"] = idle_scenario(service.port, service.pid, count)
+            finally:
+                if service is not origin:
+                    service.stop()
+            results["targets"][name] = row
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    finally:
+        origin.stop()
+        sse_origin.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def ratio(value: Optional[float], reference: Optional[float]) -> str:
+    if value is None or not reference:
+        return "–"
+    return f"{value / reference:.2f}×"
+
+
+def render(results: Dict[str, Any]) -> str:
+    t = results["targets"]
+
+    def get(name: str, scenario: str, key: str) -> Optional[float]:
+        return t.get(name, {}).get(scenario, {}).get(key)
+
+    lines = ["# pyproxy benchmark", ""]
+    m = results["machine"]
+    lines.append(
+        f"{m['date']} · {m['cpu']} ({m['cores']} cores, shared) · Linux {m['kernel']} · {m['cpython']} · "
+        f"{m['pypy']} · {m['nginx']} · wrk · each proxy pinned to one core, origin and load on the other · "
+        f"{results['duration']:g} s per run"
+    )
+    lines.append("")
+    names = [n for n in TARGETS if n in t]
+    for scenario, title, key, unit, scale in (
+        ("get64", "Small GET `/v1/models`, 64 connections", "rps", "req/s", 1.0),
+        ("post64", "JSON POST `/v1/chat/completions`, 64 connections", "rps", "req/s", 1.0),
+        ("big", "1 MiB downloads, 16 connections", "bytes_per_s", "MB/s", 1 / 1e6),
+    ):
+        if not any(get(n, scenario, key) for n in names):
+            continue
+        lines += [f"## {title}", "", f"| target | {unit} | p50 | p99 | vs nginx | vs direct |", "| --- | --- | --- | --- | --- | --- |"]
+        for n in names:
+            value = get(n, scenario, key)
+            if value is None:
+                continue
+            p50 = get(n, scenario, "p50")
+            p99 = get(n, scenario, "p99")
+            lines.append(
+                f"| {n} | {value * scale:,.0f} | {p50 * 1e3 if p50 else 0:.2f} ms | {p99 * 1e3 if p99 else 0:.2f} ms | "
+                f"{ratio(value, get('nginx', scenario, key))} | {ratio(value, get('direct', scenario, key))} |"
+            )
+        lines.append("")
+    if any(get(n, "get1", "p50") for n in names):
+        lines += ["## One connection: added latency over the origin direct", "",
+                  "| target | p50 | p99 | added p50 | vs nginx's added p50 |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        direct = get("direct", "get1", "p50") or 0.0
+        nginx_added = (get("nginx", "get1", "p50") or 0.0) - direct
+        for n in names:
+            p50 = get(n, "get1", "p50")
+            if p50 is None:
+                continue
+            added = p50 - direct
+            lines.append(
+                f"| {n} | {p50 * 1e6:.0f} µs | {(get(n, 'get1', 'p99') or 0) * 1e6:.0f} µs | {added * 1e6:.0f} µs | "
+                f"{(added - nginx_added) * 1e6:+.0f} µs |"
+            )
+        lines.append("")
+    if any(get(n, "sse", "events") for n in names):
+        lines += ["## Server-Sent Events: streams of 40 events at 50 ms", "",
+                  "| target | streams | events relayed | delay p50 | delay p99 | CPU per event | vs nginx |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for n in names:
+            if get(n, "sse", "events") is None:
+                continue
+            streams = (get(n, "sse", "expected_events") or 0) / 40
+            lines.append(
+                f"| {n} | {streams:.0f} | {get(n, 'sse', 'events'):.0f} / {get(n, 'sse', 'expected_events'):.0f} | "
+                f"{get(n, 'sse', 'delay_p50') * 1e3:.2f} ms | {get(n, 'sse', 'delay_p99') * 1e3:.2f} ms | "
+                f"{get(n, 'sse', 'cpu_us_per_event'):.1f} µs | "
+                f"{ratio(get(n, 'sse', 'cpu_us_per_event'), get('nginx', 'sse', 'cpu_us_per_event'))} |"
+            )
+        lines.append("")
+    if any(get(n, "idle", "rss_bytes_per_idle_connection") for n in names):
+        lines += ["## Idle keep-alive client connections", "", "| target | connections | RSS per connection |", "| --- | --- | --- |"]
+        for n in names:
+            value = get(n, "idle", "rss_bytes_per_idle_connection")
+            if value is not None:
+                lines.append(f"| {n} | {get(n, 'idle', 'connections'):.0f} | {value / 1024:.1f} KiB |")
+        lines.append("")
+    warm = t.get("pyproxy-pypy", {}).get("warmup", {})
+    if warm:
+        lines.append(
+            f"PyPy warm-up: 90% of steady throughput ({warm['steady_rps']:,.0f} req/s) after "
+            f"{warm['warmup_seconds_to_90pct']:.0f} s of load (1 s slices)."
+        )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short runs and fewer connections (smoke check)")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run (default 8)")
+    parser.add_argument("--targets", type=lambda s: s.split(","), default=TARGETS)
+    parser.add_argument("--scenarios", type=lambda s: s.split(","), default=SCENARIOS)
+    parser.add_argument("--sse-streams", type=int, default=500)
+    parser.add_argument("--idle-connections", type=int, default=10000)
+    parser.add_argument("--pypy", default="pypy3", help="PyPy interpreter with pyproxy's requirements (default pypy3)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    results = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(results, indent=2))
+    table = render(results)
+    (args.out / "latest.md").write_text(table)
+    if args.out == RESULTS:
+        (ROOT / "docs").mkdir(exist_ok=True)
+        (ROOT / "docs" / "benchmarks.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
