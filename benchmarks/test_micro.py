@@ -1,0 +1,130 @@
+"""pytest-benchmark regression checks of the hot units, without sockets.
+
+Not part of the normal test run (they live outside ``tests/``). CI runs them
+once with ``--benchmark-disable`` so they never rot; to guard against a
+slowdown, save a baseline per interpreter and compare against it:
+
+    tox -e bench-pypy3 -- --benchmark-save=baseline
+    tox -e bench-pypy3 -- --benchmark-compare --benchmark-compare-fail=mean:20%
+
+(pytest-benchmark keeps one storage folder per interpreter and machine.)
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, List
+
+import h11
+import pytest
+
+from pyproxy.config import Settings, parse_upstream
+from pyproxy.http.fastpath import parse_request_head, parse_response_head, serialize_request_head, serialize_response_head
+from pyproxy.http.headers import RequestFraming, client_response_headers, upstream_request_headers
+from pyproxy.upstream.connection import ACTIVE, UpstreamConnection
+from pyproxy.upstream.pool import ConnectionPool
+
+REQUEST = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.example.com\r\nUser-Agent: OpenAI/Python 1.55.0\r\n"
+    b"Accept: application/json\r\nContent-Type: application/json\r\nAuthorization: Bearer sk-test-0123456789\r\n"
+    b"X-Stainless-Lang: python\r\nX-Stainless-Package-Version: 1.55.0\r\nContent-Length: 120\r\n\r\n"
+)
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nDate: Fri, 27 Nov 2026 10:00:00 GMT\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 600\r\nConnection: keep-alive\r\nopenai-processing-ms: 120\r\nx-request-id: req_123\r\n"
+    b"x-ratelimit-remaining-requests: 9999\r\n\r\n"
+)
+FRAMING = RequestFraming(120, False)
+
+
+def relay_request_fast() -> bytes:
+    head = parse_request_head(REQUEST)
+    assert not isinstance(head, str)
+    headers = upstream_request_headers(
+        head.headers, upstream_host=b"upstream:8000", client_ip=b"127.0.0.1", scheme=b"http", framing=FRAMING
+    )
+    return serialize_request_head(head.method, head.target, headers)
+
+
+def relay_request_h11() -> bytes:
+    """The reference: the same work done with h11 on both sides."""
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(REQUEST)
+    request = server.next_event()
+    headers = upstream_request_headers(
+        list(request.headers), upstream_host=b"upstream:8000", client_ip=b"127.0.0.1", scheme=b"http", framing=FRAMING
+    )
+    client = h11.Connection(h11.CLIENT)
+    return client.send(h11.Request(method=request.method, target=request.target, headers=headers))  # type: ignore
+
+
+def relay_response_fast() -> bytes:
+    head = parse_response_head(RESPONSE, b"POST")
+    assert not isinstance(head, str)
+    return serialize_response_head(head.status, head.reason, client_response_headers(head.headers))
+
+
+def test_request_parse_and_reframe_fast(benchmark: Any) -> None:
+    out = benchmark(relay_request_fast)
+    assert out.startswith(b"POST /v1/chat/completions HTTP/1.1\r\nhost: upstream:8000\r\n")
+
+
+def test_request_parse_and_reframe_h11_reference(benchmark: Any) -> None:
+    out = benchmark(relay_request_h11)
+    assert out.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+
+
+def test_response_head_relay_fast(benchmark: Any) -> None:
+    out = benchmark(relay_response_fast)
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 600" in out
+
+
+def test_header_rewrite(benchmark: Any) -> None:
+    head = parse_request_head(REQUEST)
+    assert not isinstance(head, str)
+    out = benchmark(
+        upstream_request_headers,
+        head.headers,
+        upstream_host=b"upstream:8000",
+        client_ip=b"127.0.0.1",
+        scheme=b"http",
+        framing=FRAMING,
+    )
+    assert (b"via", b"1.1 pyproxy") in out
+
+
+class _Transport(asyncio.Transport):
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def pool() -> Any:
+    loop = asyncio.new_event_loop()
+    settings = Settings(upstream=parse_upstream("http://127.0.0.1:9"))
+    assert settings.upstream is not None
+    pool = ConnectionPool(settings.upstream, settings, loop)
+    conns: List[UpstreamConnection] = []
+    for _ in range(8):
+        conn = UpstreamConnection(pool, loop, 300.0)
+        conn.transport = _Transport()
+        conn.state = ACTIVE
+        pool.active.add(conn)
+        conns.append(conn)
+    for conn in conns:
+        pool.release(conn)
+    yield pool
+    pool.close()
+    loop.close()
+
+
+def test_pool_checkout_checkin(benchmark: Any, pool: ConnectionPool) -> None:
+    def cycle() -> None:
+        conn = pool.take_idle()
+        assert conn is not None
+        pool.release(conn)
+
+    benchmark(cycle)
+    assert len(pool.idle) == 8
