@@ -13,6 +13,7 @@ Needs: nginx and wrk (Debian), pypy3, and for the peers aiohttp, fastapi,
 uvicorn, httpx, httptools, uvloop in the running (CPython) interpreter.
 Writes benchmarks/results/latest.json and .md, and docs/benchmarks.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,7 +116,9 @@ class Service:
     def pid(self) -> int:
         """The process doing the work (nginx: its single worker)."""
         try:
-            children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+            children = subprocess.run(
+                ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True
+            ).stdout.split()
         except OSError:
             children = []
         if self.name.startswith("nginx") or self.name == "direct":
@@ -209,7 +212,18 @@ def _bytes(text: str) -> float:
 
 
 def wrk(url: str, connections: int, duration: float, script: Optional[Path] = None) -> Dict[str, float]:
-    argv = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{max(1, int(round(duration)))}s", "--latency", "--timeout", "10s"]
+    argv = [
+        "taskset",
+        "-c",
+        LOAD_CORE,
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, int(round(duration)))}s",
+        "--latency",
+        "--timeout",
+        "10s",
+    ]
     if script is not None:
         argv += ["-s", str(script)]
     out = subprocess.run(argv + [url], capture_output=True, text=True, timeout=duration + 60).stdout
@@ -253,7 +267,9 @@ def warm_up(url: str, pypy: bool, max_seconds: float) -> Dict[str, float]:
 
 async def _sse_stream(port: int, n: int, interval: float, delays: List[float]) -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /sse?n=%d&interval=%g HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n" % (n, interval))
+    writer.write(
+        b"GET /sse?n=%d&interval=%g HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n" % (n, interval)
+    )
     events = 0
     buffer = b""
     try:
@@ -495,7 +511,12 @@ def render(results: Dict[str, Any]) -> str:
     ):
         if not any(get(n, scenario, key) for n in names):
             continue
-        lines += [f"## {title}", "", f"| target | {unit} | p50 | p99 | vs nginx | vs direct |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"## {title}",
+            "",
+            f"| target | {unit} | p50 | p99 | vs nginx | vs direct |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for n in names:
             value = get(n, scenario, key)
             if value is None:
@@ -538,7 +559,12 @@ def render(results: Dict[str, Any]) -> str:
             )
         lines.append("")
     if any(get(n, "idle", "rss_bytes_per_idle_connection") for n in names):
-        lines += ["## Idle keep-alive client connections", "", "| target | connections | RSS per connection |", "| --- | --- | --- |"]
+        lines += [
+            "## Idle keep-alive client connections",
+            "",
+            "| target | connections | RSS per connection |",
+            "| --- | --- | --- |",
+        ]
         for n in names:
             value = get(n, "idle", "rss_bytes_per_idle_connection")
             if value is not None:
@@ -546,6 +572,7 @@ def render(results: Dict[str, Any]) -> str:
                 note = f" ({failed:.0f} failed to get an answer)" if failed else ""
                 lines.append(f"| {n} | {get(n, 'idle', 'connections'):.0f}{note} | {value / 1024:.1f} KiB |")
         lines.append("")
+    lines += targets_table(results)
     warm = t.get("pyproxy-pypy", {}).get("warmup", {})
     if warm:
         lines.append(
@@ -554,6 +581,95 @@ def render(results: Dict[str, Any]) -> str:
         )
         lines.append("")
     return "\n".join(lines)
+
+
+def targets_table(results: Dict[str, Any]) -> List[str]:
+    """The project's targets (issue: benchmarks), checked against this run."""
+    t = results["targets"]
+
+    def get(name: str, scenario: str, key: str) -> Optional[float]:
+        return t.get(name, {}).get(scenario, {}).get(key)
+
+    rows: List[Tuple[str, str, Optional[bool]]] = []
+
+    def check(label: str, value: Optional[float], limit: float, fmt: str, higher: bool = True) -> None:
+        if value is None:
+            return
+        ok = value >= limit if higher else value <= limit
+        rows.append((label, fmt.format(value), ok))
+
+    def r(a: Optional[float], b: Optional[float]) -> Optional[float]:
+        return a / b if a is not None and b else None
+
+    for scenario, what in (("get64", "small GET"), ("post64", "JSON POST")):
+        check(
+            f"PyPy {what} ≥ 0.5 × nginx",
+            r(get("pyproxy-pypy", scenario, "rps"), get("nginx", scenario, "rps")),
+            0.5,
+            "{:.2f}×",
+        )
+        check(
+            f"CPython {what} ≥ 0.25 × nginx",
+            r(get("pyproxy-cpython", scenario, "rps"), get("nginx", scenario, "rps")),
+            0.25,
+            "{:.2f}×",
+        )
+        check(
+            f"CPython {what} ≥ 2 × aiohttp",
+            r(get("pyproxy-cpython", scenario, "rps"), get("aiohttp", scenario, "rps")),
+            2,
+            "{:.2f}×",
+        )
+        for impl in ("pypy", "cpython"):
+            check(f"{'PyPy' if impl == 'pypy' else 'CPython'} {what} ≥ 30 × FastAPI+httpx",
+                  r(get(f"pyproxy-{impl}", scenario, "rps"), get("fastapi", scenario, "rps")), 30, "{:.0f}×")  # fmt: skip
+    direct = get("direct", "get1", "p50")
+    nginx_added = (get("nginx", "get1", "p50") or 0) - (direct or 0)
+    for impl in ("pypy", "cpython"):
+        label = "PyPy" if impl == "pypy" else "CPython"
+        check(
+            f"{label} 1 MiB throughput ≥ 1.0 × nginx",
+            r(get(f"pyproxy-{impl}", "big", "bytes_per_s"), get("nginx", "big", "bytes_per_s")),
+            1.0,
+            "{:.2f}×",
+        )
+        p50 = get(f"pyproxy-{impl}", "get1", "p50")
+        if p50 is not None and direct is not None:
+            check(
+                f"{label} added p50 ≤ nginx's + 50 µs",
+                (p50 - direct - nginx_added) * 1e6,
+                50,
+                "{:+.0f} µs",
+                higher=False,
+            )
+        check(
+            f"{label} SSE event delay p99 ≤ 5 ms",
+            (get(f"pyproxy-{impl}", "sse", "delay_p99") or 0) * 1e3 or None,
+            5,
+            "{:.2f} ms",
+            higher=False,
+        )
+        check(
+            f"{label} SSE CPU per event ≤ 2 × nginx",
+            r(get(f"pyproxy-{impl}", "sse", "cpu_us_per_event"), get("nginx", "sse", "cpu_us_per_event")),
+            2,
+            "{:.2f}×",
+            higher=False,
+        )
+        rss = get(f"pyproxy-{impl}", "idle", "rss_bytes_per_idle_connection")
+        check(
+            f"{label} ≤ 10 KiB RSS per idle connection",
+            rss / 1024 if rss is not None else None,
+            10,
+            "{:.1f} KiB",
+            higher=False,
+        )
+    if not rows:
+        return []
+    out = ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
+    out += [f"| {label} | {value} | {'yes' if ok else '**no**'} |" for label, value, ok in rows]
+    out.append("")
+    return out
 
 
 def main() -> None:

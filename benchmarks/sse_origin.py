@@ -5,6 +5,7 @@ carries the CLOCK_MONOTONIC time it was written, so a client on the same
 machine measures each event's delay through a proxy. Runs on any interpreter.
 Usage: python benchmarks/sse_origin.py PORT
 """
+
 from __future__ import annotations
 
 import asyncio

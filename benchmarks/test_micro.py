@@ -9,6 +9,7 @@ slowdown, save a baseline per interpreter and compare against it:
 
 (pytest-benchmark keeps one storage folder per interpreter and machine.)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +19,12 @@ import h11
 import pytest
 
 from pyproxy.config import Settings, parse_upstream
-from pyproxy.http.fastpath import parse_request_head, parse_response_head, serialize_request_head, serialize_response_head
+from pyproxy.http.fastpath import (
+    parse_request_head,
+    parse_response_head,
+    serialize_request_head,
+    serialize_response_head,
+)
 from pyproxy.http.headers import RequestFraming, client_response_headers, upstream_request_headers
 from pyproxy.upstream.connection import ACTIVE, UpstreamConnection
 from pyproxy.upstream.pool import ConnectionPool

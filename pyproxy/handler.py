@@ -10,6 +10,7 @@ body event (so a body malformed from its first byte reaches nobody), checks
 out a connection, pumps the body and waits for the exchange to finish.
 Response chunks never pass through a coroutine either way.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -194,7 +195,12 @@ class Handler:
         await self._run(client, outbound, body, sent, retried=False)
 
     async def _run(
-        self, client: ClientConnection, outbound: Outbound, body: RequestBody, sent: Optional[List[bytes]], retried: bool
+        self,
+        client: ClientConnection,
+        outbound: Outbound,
+        body: RequestBody,
+        sent: Optional[List[bytes]],
+        retried: bool,
     ) -> None:
         try:
             await self._attempts(client, outbound, body, sent, retried)
@@ -208,7 +214,12 @@ class Handler:
             client.send_error(ProxyError("internal proxy error"))
 
     async def _attempts(
-        self, client: ClientConnection, outbound: Outbound, body: RequestBody, sent: Optional[List[bytes]], retried: bool
+        self,
+        client: ClientConnection,
+        outbound: Outbound,
+        body: RequestBody,
+        sent: Optional[List[bytes]],
+        retried: bool,
     ) -> None:
         # Body chunks written so far, kept (up to REPLAY_LIMIT) for an idempotent retry.
         replay: Optional[List[bytes]] = list(sent or ()) if outbound.method in IDEMPOTENT_METHODS else None
@@ -295,7 +306,9 @@ class Handler:
             framing=framing,
             allow_underscores=self.allow_underscores,
         )
-        return Outbound(request.method, target, serialize_request_head(request.method, target, headers), framing.chunked)
+        return Outbound(
+            request.method, target, serialize_request_head(request.method, target, headers), framing.chunked
+        )
 
     @staticmethod
     def _log_failure(outbound: Outbound, exc: ProxyError) -> None:

@@ -4,6 +4,7 @@ Written to be a fair, well-configured competitor: keep-alive pool sized like
 pyproxy's defaults, no body buffering, hop-by-hop headers removed.
 Usage: python -m benchmarks.peers.aiohttp_proxy --upstream URL --port N
 """
+
 from __future__ import annotations
 
 import argparse

@@ -4,6 +4,7 @@ One pooled httpx.AsyncClient, streaming request and response bodies
 (``StreamingResponse`` over ``aiter_raw``), served by uvicorn with uvloop and
 httptools. Usage: python -m benchmarks.peers.fastapi_proxy --upstream URL --port N
 """
+
 from __future__ import annotations
 
 import argparse

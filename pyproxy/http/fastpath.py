@@ -69,6 +69,9 @@ class FastRequest:
 
 
 class FastResponse:
+    """A response head the fast path accepted. ``content_length`` is -1 for a
+    chunked body (then decoded by ``ChunkedDecoder``)."""
+
     __slots__ = ("status", "reason", "headers", "content_length", "keep_alive", "head_length")
 
     def __init__(
@@ -100,19 +103,21 @@ def _split_head(buf: bytes) -> Union[int, str]:
     return end
 
 
-def _parse_fields(block: bytes) -> Optional[Tuple[List[Header], int, int, bool, bool]]:
-    """Header lines -> (headers, content_length or -1, host count, close?, special?)
+def _parse_fields(block: bytes) -> Optional[Tuple[List[Header], int, int, bool, bool, int]]:
+    """Header lines -> (headers, content_length or -1, host count, close?, special?, chunked)
 
-    ``special`` marks fields the fast path leaves to h11: Transfer-Encoding,
-    Expect, Upgrade, or a Content-Length it cannot read at a glance.
+    ``special`` marks fields the fast path leaves to h11: Expect, Upgrade, a
+    Content-Length it cannot read at a glance, a Transfer-Encoding other than
+    exactly ``chunked``. ``chunked`` counts the Transfer-Encoding fields that are.
     """
     headers: List[Header] = []
     content_length = -1
     hosts = 0
     close = False
     special = False
+    chunked = 0
     if not block:
-        return headers, content_length, hosts, close, special
+        return headers, content_length, hosts, close, special, chunked
     for line in block.split(b"\r\n"):
         name, colon, value = line.partition(b":")
         if not colon or not name or name.translate(None, _TOKEN_CHARS):
@@ -121,6 +126,8 @@ def _parse_fields(block: bytes) -> Optional[Tuple[List[Header], int, int, bool, 
         if len(value.translate(None, _NOT_IN_VALUE)) != len(value):
             return None
         name = name.lower()
+        if name == b"transfer-encoding":
+            value = value.lower()  # as h11 normalizes it
         headers.append((name, value))
         if name == b"content-length":
             if content_length != -1 or not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
@@ -133,9 +140,14 @@ def _parse_fields(block: bytes) -> Optional[Tuple[List[Header], int, int, bool, 
             for token in value.split(b","):
                 if token.strip(_OWS_CHARS).lower() == b"close":
                     close = True
-        elif name == b"transfer-encoding" or name == b"expect" or name == b"upgrade":
+        elif name == b"transfer-encoding":
+            if value == b"chunked":
+                chunked += 1
+            else:
+                special = True
+        elif name == b"expect" or name == b"upgrade":
             special = True
-    return headers, content_length, hosts, close, special
+    return headers, content_length, hosts, close, special, chunked
 
 
 def parse_request_head(buf: bytes) -> Union[FastRequest, str]:
@@ -152,8 +164,8 @@ def parse_request_head(buf: bytes) -> Union[FastRequest, str]:
     fields = _parse_fields(buf[line_end : end - 4])  # type: ignore[operator]
     if fields is None:
         return FALLBACK
-    headers, content_length, hosts, close, special = fields
-    if special or hosts != 1:
+    headers, content_length, hosts, close, special, chunked = fields
+    if special or chunked or hosts != 1:
         return FALLBACK
     return FastRequest(method, match.group(2), headers, max(content_length, 0), not close, end)  # type: ignore[arg-type]
 
@@ -175,10 +187,134 @@ def parse_response_head(buf: bytes, request_method: bytes) -> Union[FastResponse
     fields = _parse_fields(buf[line_end : end - 4])  # type: ignore[operator]
     if fields is None:
         return FALLBACK
-    headers, content_length, _, close, special = fields
-    if special or content_length < 0:
+    headers, content_length, _, close, special, chunked = fields
+    if special:
         return FALLBACK
+    if chunked:
+        # exactly one "Transfer-Encoding: chunked" and no Content-Length
+        if chunked > 1 or content_length >= 0:
+            return FALLBACK
+        content_length = -1
+    elif content_length < 0:
+        return FALLBACK  # close-delimited: h11
     return FastResponse(status, match.group(2) or b"", headers, content_length, not close, end)  # type: ignore[arg-type]
+
+
+# --- chunked bodies (RFC 9112 §7.1), decoded as h11's ChunkedReader does ---------------
+
+_CHUNK_HEADER = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*")
+_MAX_CHUNK_LINE = 16 * 1024  # h11's default max_incomplete_event_size
+
+_CHUNK_SIZE = 0  # reading a chunk-size line
+_CHUNK_DATA = 1  # inside chunk data
+_CHUNK_CRLF = 2  # the CRLF after chunk data
+_CHUNK_TRAILER = 3  # after the last chunk: trailer fields up to an empty line
+_CHUNK_END = 4
+
+
+class ChunkError(ValueError):
+    """The chunked body is malformed (h11 would raise RemoteProtocolError)."""
+
+
+class ChunkedDecoder:
+    """Incremental decoder: ``feed(bytes) -> [data, ...]``; ``done`` once the body ended.
+
+    Accepts and rejects exactly what h11 does (chunk-size up to 20 hex digits,
+    extensions ignored, trailing OWS tolerated, CRLF required after data);
+    trailers, rare in practice, are checked by h11 itself. ``extra`` holds
+    any bytes after the end of the body.
+    """
+
+    __slots__ = ("_state", "_left", "_pending", "_crlf_seen", "done", "extra")
+
+    def __init__(self) -> None:
+        self._state = _CHUNK_SIZE
+        self._left = 0
+        self._pending = b""
+        self._crlf_seen = 0
+        self.done = False
+        self.extra = b""
+
+    def feed(self, data: bytes) -> List[bytes]:
+        out: List[bytes] = []
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        pos = 0
+        size = len(data)
+        while pos < size:
+            state = self._state
+            if state == _CHUNK_DATA:
+                take = min(self._left, size - pos)
+                out.append(data[pos : pos + take] if (pos or take != size) else data)
+                pos += take
+                self._left -= take
+                if not self._left:
+                    self._state = _CHUNK_CRLF
+            elif state == _CHUNK_CRLF:
+                # byte by byte, as h11 compares what it has against b"\r\n"
+                expected = b"\r\n"[self._crlf_seen :]
+                got = data[pos : pos + len(expected)]
+                if got != expected[: len(got)]:
+                    raise ChunkError(f"malformed chunk footer: {got!r}")
+                pos += len(got)
+                self._crlf_seen += len(got)
+                if self._crlf_seen == 2:
+                    self._crlf_seen = 0
+                    self._state = _CHUNK_SIZE
+            elif state == _CHUNK_SIZE:
+                end = data.find(b"\r\n", pos)
+                if end == -1:
+                    if size - pos > _MAX_CHUNK_LINE:
+                        raise ChunkError("chunk header too long")
+                    self._pending = data[pos:]
+                    return out
+                match = _CHUNK_HEADER.fullmatch(data, pos, end)
+                if match is None:
+                    raise ChunkError(f"illegal chunk header: {data[pos : end + 2][:80]!r}")
+                pos = end + 2
+                self._left = int(match.group(1), 16)
+                self._state = _CHUNK_DATA if self._left else _CHUNK_TRAILER
+            elif state == _CHUNK_TRAILER:
+                rest = data[pos:]
+                end = _trailer_end(rest)
+                if end is None:
+                    if len(rest) > _MAX_CHUNK_LINE:
+                        raise ChunkError("trailer section too long")
+                    self._pending = rest
+                    return out
+                self._state = _CHUNK_END
+                self.done = True
+                self.extra = rest[end:]
+                return out
+            else:  # _CHUNK_END: anything more is not part of this message
+                self.extra = data[pos:]
+                return out
+        return out
+
+
+def _trailer_end(rest: bytes) -> Optional[int]:
+    """Where the trailer section ends in ``rest`` (None: need more), validated by h11."""
+    if rest[:2] == b"\r\n":
+        return 2
+    if rest[:1] == b"\n":
+        return 1
+    # Non-empty trailers: let h11 find the end and judge every field.
+    import h11
+
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n" + rest)
+    try:
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                return None
+            if type(event) is h11.EndOfMessage:
+                return len(rest) - len(conn.trailing_data[0])
+    except h11.RemoteProtocolError as exc:
+        raise ChunkError(f"malformed trailer: {exc}") from None
 
 
 # --- writing ---------------------------------------------------------------------

@@ -7,11 +7,11 @@ States are explicit (RFC 9112 §9.3 persistence):
           `---------> CLOSED <--'
 
 Requests are written by pyproxy itself (the fields were validated when they
-were parsed). A response head is read by the fast path when it has the common
-shape -- HTTP/1.1 framed by Content-Length -- and the body is then relayed by
-counting bytes; any other response is handed, from its first byte, to a fresh
-h11 CLIENT connection that parses it (chunked, close-delimited, HEAD, 1xx,
-anything unusual). A connection goes back to IDLE only when the request was
+were parsed). A response head is read by the fast path when it has a common
+shape -- HTTP/1.1 framed by Content-Length (body relayed by counting bytes)
+or by chunked coding (decoded by ``ChunkedDecoder``, equivalent to h11's);
+any other response is handed, from its first byte, to a fresh h11 CLIENT
+connection that parses it (close-delimited, HEAD, 1xx, anything unusual). A connection goes back to IDLE only when the request was
 fully sent, the response fully read, and nothing says close; anything else
 (an error, extra bytes, an early response while the body was still being
 sent) closes it. Response events reach the current *exchange* by plain
@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any, List, Optional
 import h11
 
 from pyproxy.errors import ProxyError, UpstreamDisconnected, UpstreamProtocolError, UpstreamTimeout
-from pyproxy.http.fastpath import FALLBACK, LAST_CHUNK, NEED_MORE, chunk_pieces, parse_response_head
+from pyproxy.http.fastpath import (
+    FALLBACK,
+    LAST_CHUNK,
+    NEED_MORE,
+    ChunkedDecoder,
+    ChunkError,
+    chunk_pieces,
+    parse_response_head,
+)
 from pyproxy.http.messages import ResponseHead
 from pyproxy.server.flow import WriteGate
 
@@ -47,6 +55,7 @@ _NO_RESPONSE = 0  # idle: nothing expected
 _AWAIT_HEAD = 1  # fast path: collecting a response head
 _FAST_BODY = 2  # fast path: Content-Length body, counting bytes
 _H11 = 3  # h11 parses this response
+_FAST_CHUNKED = 4  # fast path: chunked body (SSE streams), decoded as h11 would
 
 # A response head larger than this is h11's problem (it rejects > 16 KiB).
 _MAX_FAST_HEAD = 64 * 1024
@@ -132,6 +141,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_chunked",
         "_keep_alive",
         "_h11",
+        "_chunks",
     )
 
     def __init__(self, pool: "ConnectionPool", loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
@@ -158,6 +168,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunked = False
         self._keep_alive = True
         self._h11: Optional[h11.Connection] = None
+        self._chunks: Optional[ChunkedDecoder] = None
 
     # --- asyncio callbacks ---------------------------------------------------
 
@@ -176,6 +187,8 @@ class UpstreamConnection(asyncio.Protocol):
         mode = self._mode
         if mode == _FAST_BODY:
             self._relay_body(data)
+        elif mode == _FAST_CHUNKED:
+            self._relay_chunks(data)
         elif mode == _AWAIT_HEAD:
             self._read_head(data)
         else:
@@ -235,9 +248,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_started = True
         self._keep_alive = head.keep_alive  # type: ignore[union-attr]
         self._body_left = head.content_length  # type: ignore[union-attr]
-        self._mode = _FAST_BODY
         self.listener.on_response(ResponseHead(head.status, head.reason, head.headers))  # type: ignore
         rest = data[head.head_length :]  # type: ignore[union-attr]
+        if self._body_left < 0:
+            self._mode = _FAST_CHUNKED
+            self._chunks = ChunkedDecoder()
+            if rest:
+                self._relay_chunks(rest)
+            return
+        self._mode = _FAST_BODY
         if self._body_left == 0:
             if rest:
                 self._keep_alive = False  # bytes after the message: not trustworthy
@@ -260,6 +279,23 @@ class UpstreamConnection(asyncio.Protocol):
         self._body_left = 0
         self.listener.on_body(data)  # type: ignore[union-attr]
         self._response_complete()
+
+    def _relay_chunks(self, data: bytes) -> None:
+        decoder = self._chunks
+        assert decoder is not None
+        try:
+            pieces = decoder.feed(data)
+        except ChunkError as exc:
+            self._fail(UpstreamProtocolError(f"invalid response from upstream: {exc}"))
+            return
+        listener = self.listener
+        for piece in pieces:
+            listener.on_body(piece)  # type: ignore[union-attr]
+        if decoder.done:
+            if decoder.extra:
+                self._keep_alive = False  # bytes after the message: not trustworthy
+            self._chunks = None
+            self._response_complete()
 
     # --- the h11 path: every other response ---------------------------------------
 
@@ -323,6 +359,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._cancel_timer()
         self._mode = _NO_RESPONSE
         self._h11 = None
+        self._chunks = None
         reusable = self._keep_alive and self.request_complete and not self._eof
         if listener is not None:
             listener.on_end()
