@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+import pytest
+
 from benchmarks.run import _bytes, _seconds, render, targets_table
 
 
 def test_wrk_units() -> None:
-    assert _seconds("152.00us") == 152e-6
-    assert _seconds("1.50ms") == 1.5e-3
+    assert _seconds("152.00us") == pytest.approx(152e-6)
+    assert _seconds("1.50ms") == pytest.approx(1.5e-3)
     assert _seconds("2.00s") == 2.0
     assert _bytes("1.25GB") == 1.25 * 1024**3
     assert _bytes("512.00KB") == 512 * 1024
