@@ -396,11 +396,25 @@ def start_target(name: str, workdir: Path, origin_port: int, sse_port: int, pypy
     """``name`` relaying to the origin on ``origin_port`` (nginx also routes /sse to ``sse_port``)."""
     port = free_port()
     origin = f"http://127.0.0.1:{origin_port}"
+    # Every proxy may hold 1000 upstream connections, so 500 SSE streams are
+    # truly concurrent everywhere (nginx has no limit; the defaults would queue).
+    pool = ["--pool-connections", "1000", "--keepalive-connections", "100"]
     if name == "pyproxy-pypy":
-        argv = [pypy, "-m", "pyproxy", "--upstream", origin, "--listen", f"127.0.0.1:{port}", "--log-level", "warning"]
+        argv = [
+            pypy,
+            "-m",
+            "pyproxy",
+            "--upstream",
+            origin,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+            *pool,
+        ]
     elif name == "pyproxy-cpython":
         argv = [sys.executable, "-m", "pyproxy", "--upstream", origin, "--listen", f"127.0.0.1:{port}",
-                "--log-level", "warning", "--loop", "uvloop"]  # fmt: skip
+                "--log-level", "warning", "--loop", "uvloop", *pool]  # fmt: skip
     elif name == "nginx":
         argv = ["nginx", "-c", str(nginx_proxy_conf(workdir, port, origin_port, sse_port))]
     elif name == "aiohttp":
@@ -464,7 +478,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                         sse_proxy = start_target(name, workdir, sse_port, sse_port, args.pypy)
                         try:
                             if name == "pyproxy-pypy":  # the JIT warms on this workload too
-                                sse_scenario(sse_proxy.port, sse_proxy.pid, streams, 20, 0.05)
+                                sse_scenario(sse_proxy.port, sse_proxy.pid, streams, 60, 0.05)
                             row["sse"] = sse_scenario(sse_proxy.port, sse_proxy.pid, streams, 40, 0.05)
                         finally:
                             sse_proxy.stop()

@@ -30,7 +30,7 @@ def main() -> None:
         pass
 
     async def on_startup(app: web.Application) -> None:
-        connector = aiohttp.TCPConnector(limit=100, limit_per_host=100, keepalive_timeout=4)
+        connector = aiohttp.TCPConnector(limit=1000, limit_per_host=1000, keepalive_timeout=4)
         app["session"] = aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
     async def on_cleanup(app: web.Application) -> None:

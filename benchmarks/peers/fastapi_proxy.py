@@ -22,7 +22,7 @@ HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfe
 def build_app(upstream: str) -> FastAPI:
     client = httpx.AsyncClient(
         base_url=upstream,
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=30, keepalive_expiry=4),
+        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100, keepalive_expiry=4),
         timeout=httpx.Timeout(300, connect=10),
     )
     app = FastAPI()
