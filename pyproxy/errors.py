@@ -56,6 +56,13 @@ class VersionNotSupported(BadRequest):
     status = 505
 
 
+class ClientStalled(BadRequest):
+    """The client stopped reading a response for longer than --read-timeout:
+    both its connection and the upstream one are closed (408 if nothing was sent)."""
+
+    status = 408
+
+
 # --- the upstream's fault (5xx) ---
 
 

@@ -17,7 +17,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, List, Optional
 
-from pyproxy.errors import ProxyError, UpstreamDisconnected
+from pyproxy.errors import ClientStalled, ProxyError, UpstreamDisconnected
 from pyproxy.http.fastpath import serialize_request_head
 from pyproxy.http.headers import RequestFraming, client_response_headers, to_origin_form, upstream_request_headers
 from pyproxy.http.messages import RequestHead, ResponseHead
@@ -102,8 +102,12 @@ class Exchange(ExchangeListener):
         self.finished = True
         done = self.done
         if self.response_started:
-            log.warning("upstream response truncated: %s", exc.message)
-            self.client.abort_truncated()
+            if isinstance(exc, ClientStalled):
+                log.info("closing a client that stopped reading: %s", exc.message)
+                self.client.abort_now()
+            else:
+                log.warning("upstream response truncated: %s", exc.message)
+                self.client.abort_truncated()
             if done is not None and not done.done():
                 done.set_result(None)
             return

@@ -475,6 +475,16 @@ class ClientConnection(asyncio.Protocol):
         self.flush()
         self.close()
 
+    def abort_now(self) -> None:
+        """Drop the connection without flushing: its peer is not reading anyway."""
+        self.exchange = None
+        self.task = None
+        self.busy = False
+        self._out = []
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
     def send_error(self, exc: ProxyError) -> None:
         if self.closed:
             return

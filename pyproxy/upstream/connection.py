@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 import h11
 
-from pyproxy.errors import ProxyError, UpstreamDisconnected, UpstreamProtocolError, UpstreamTimeout
+from pyproxy.errors import ClientStalled, ProxyError, UpstreamDisconnected, UpstreamProtocolError, UpstreamTimeout
 from pyproxy.http.fastpath import (
     FALLBACK,
     LAST_CHUNK,
@@ -142,6 +142,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_keep_alive",
         "_h11",
         "_chunks",
+        "_paused_since",
     )
 
     def __init__(self, pool: "ConnectionPool", loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
@@ -169,6 +170,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = True
         self._h11: Optional[h11.Connection] = None
         self._chunks: Optional[ChunkedDecoder] = None
+        self._paused_since = 0.0
 
     # --- asyncio callbacks ---------------------------------------------------
 
@@ -454,6 +456,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The client is slow: stop reading the response (backpressure)."""
         if not self._reading_paused and self.transport is not None and not self.transport.is_closing():
             self._reading_paused = True
+            self._paused_since = self.loop.time()
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
@@ -495,8 +498,15 @@ class UpstreamConnection(asyncio.Protocol):
         if self.listener is None or self.state != ACTIVE:
             return
         if self._reading_paused:
-            # Waiting on the client, not the upstream: not the upstream's silence.
-            self._timer = self.loop.call_later(self.read_timeout, self._check_read_timeout)
+            # Waiting on the client, not the upstream: not the upstream's
+            # silence. But a client that reads nothing for as long holds this
+            # connection (and an LLM's generation) hostage: give up on it, as
+            # nginx's send_timeout does.
+            stalled_for = self.loop.time() - self._paused_since
+            if stalled_for >= self.read_timeout:
+                self._fail(ClientStalled(f"client read nothing for {self.read_timeout:g} s"))
+                return
+            self._timer = self.loop.call_later(self.read_timeout - stalled_for, self._check_read_timeout)
             return
         silent_for = self.loop.time() - self.last_read
         if silent_for >= self.read_timeout:

@@ -138,3 +138,23 @@ async def test_slow_upstream_pauses_reading_from_the_client() -> None:
             release.set()
         server.close()
         await server.wait_closed()
+
+
+async def test_client_that_stops_reading_is_dropped_after_read_timeout() -> None:
+    """A client that reads nothing for --read-timeout must not hold the upstream
+    connection (and an LLM's generation) forever: both are closed."""
+    async with Origin() as origin, running_proxy(origin.url, read_timeout=0.5) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port, limit=16 * 1024)
+        writer.transport.set_write_buffer_limits(0)
+        sock = writer.get_extra_info("socket")
+        import socket as socket_module
+
+        sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_RCVBUF, 16 * 1024)
+        writer.write(b"GET /big?size=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (64 * MB))
+        await writer.drain()
+        reader._transport.pause_reading()  # type: ignore[attr-defined]  # and never read again
+        await wait_until(lambda: len(origin.requests) == 1)
+        await asyncio.wait_for(origin.connections[0].closed.wait(), 15)
+        await wait_until(lambda: not proxy.connections, timeout=5)
+        assert proxy.pool.size == 0
+        writer.transport.abort()
