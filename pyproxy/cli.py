@@ -90,7 +90,6 @@ async def serve(settings: Settings) -> None:
         describe_runtime(loop),
     )
     await stop.wait()
-    log.info("shutting down: draining %d connection(s), up to %g s", len(proxy.connections), settings.drain_timeout)
     await proxy.stop()
     log.info("stopped")
 

@@ -58,6 +58,13 @@ class Proxy:
         self.draining = True
         if self._server is not None:
             self._server.close()
+        # Logged only once the listening socket is closed: whoever reads this
+        # line may rely on new connections being refused.
+        log.info(
+            "shutting down: stopped accepting; draining %d connection(s), up to %g s",
+            len(self.connections),
+            drain_timeout,
+        )
         self._all_closed = asyncio.Event()
         for conn in list(self.connections):
             conn.begin_drain()

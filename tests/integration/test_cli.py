@@ -177,23 +177,22 @@ async def test_serves_then_drains_in_flight_stream_on_sigterm() -> None:
         try:
             async with await Client.connect(cli.port) as client:
                 assert (await client.request(b"GET", b"/v1/models")).body == MODELS_BODY
-            streaming = await Client.connect(cli.port)
-            await streaming.send_request(b"GET", b"/sse?n=10&interval=0.05")
-            head = await streaming.read_head()
-            assert head.status_code == 200
-            cli.process.send_signal(signal.SIGTERM)
-            await cli.wait_for_log("shutting down")
-            with pytest.raises(OSError):  # no longer accepting
-                await Client.connect(cli.port)
-            chunks = []
-            while True:
-                event = await streaming.next_event()
-                if type(event).__name__ == "Data":
-                    chunks.append(event.data)
-                else:
-                    assert type(event).__name__ == "EndOfMessage"
-                    break
-            await streaming.close()
+            async with await Client.connect(cli.port) as streaming:
+                await streaming.send_request(b"GET", b"/sse?n=10&interval=0.05")
+                head = await streaming.read_head()
+                assert head.status_code == 200
+                cli.process.send_signal(signal.SIGTERM)
+                await cli.wait_for_log("stopped accepting")
+                with pytest.raises(OSError):  # no longer accepting
+                    await Client.connect(cli.port)
+                chunks = []
+                while True:
+                    event = await streaming.next_event()
+                    if type(event).__name__ == "Data":
+                        chunks.append(event.data)
+                    else:
+                        assert type(event).__name__ == "EndOfMessage"
+                        break
             assert b"".join(chunks).count(b"data: ") == 11  # the whole stream, [DONE] included
             assert await asyncio.wait_for(cli.process.wait(), 20) == 0
         finally:
@@ -206,14 +205,13 @@ async def test_drain_timeout_bounds_shutdown_and_truncates() -> None:
     async with Origin() as origin:
         cli = await start_cli("--upstream", origin.url, "--drain-timeout", "0.3")
         try:
-            streaming = await Client.connect(cli.port)
-            await streaming.send_request(b"GET", b"/sse?n=100&interval=0.1")
-            assert (await streaming.read_head()).status_code == 200
-            cli.process.send_signal(signal.SIGINT)
-            assert await asyncio.wait_for(cli.process.wait(), 10) == 0
-            response_rest = await asyncio.wait_for(streaming.reader.read(), 5)
-            assert b"0\r\n\r\n" not in response_rest  # never completed
-            await streaming.close()
+            async with await Client.connect(cli.port) as streaming:
+                await streaming.send_request(b"GET", b"/sse?n=100&interval=0.1")
+                assert (await streaming.read_head()).status_code == 200
+                cli.process.send_signal(signal.SIGINT)
+                assert await asyncio.wait_for(cli.process.wait(), 10) == 0
+                response_rest = await asyncio.wait_for(streaming.reader.read(), 5)
+                assert b"0\r\n\r\n" not in response_rest  # never completed
         finally:
             if cli.process.returncode is None:
                 cli.process.kill()
