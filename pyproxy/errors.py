@@ -7,6 +7,8 @@ place and rendered in one shape: ``{"error": {"message", "type", "code"}}``.
 
 from __future__ import annotations
 
+import time
+from email.utils import formatdate
 from typing import List, Optional, Tuple
 
 from pyproxy._compat import json_dumps
@@ -118,6 +120,19 @@ class ShuttingDown(ProxyError):
     error_type = "overloaded_error"
 
 
+_date_cache: List[object] = [0, b""]
+
+
+def http_date() -> bytes:
+    """The Date field for responses pyproxy itself generates (RFC 9110 §6.6.1),
+    formatted at most once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = formatdate(now, usegmt=True).encode("ascii")
+    return _date_cache[1]  # type: ignore[return-value]
+
+
 def error_body(status: int, message: str, error_type: str) -> bytes:
     return json_dumps({"error": {"message": message, "type": error_type, "code": status}})
 
@@ -126,6 +141,7 @@ def error_response_parts(exc: ProxyError) -> Tuple[int, Headers, bytes]:
     """Status, headers and JSON body for an error answered by the proxy itself."""
     body = error_body(exc.status, exc.message, exc.error_type)
     headers: Headers = [
+        (b"date", http_date()),
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode("ascii")),
     ]

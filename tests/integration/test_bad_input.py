@@ -78,6 +78,7 @@ async def test_bad_request_rejected_and_never_forwarded(case: str) -> None:
         resp = parse_raw_response(raw)
         assert resp.status == expected_status, raw
         assert resp.header(b"connection") == b"close"
+        assert resp.header(b"date") is not None and resp.header(b"date").endswith(b" GMT")
         error = json.loads(resp.body)["error"]
         assert error["code"] == expected_status
         assert error["type"] == "invalid_request_error"
