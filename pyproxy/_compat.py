@@ -56,6 +56,10 @@ def new_event_loop(choice: str = "auto") -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+def is_uvloop(loop: asyncio.AbstractEventLoop) -> bool:
+    return type(loop).__module__.split(".")[0] == "uvloop"
+
+
 def describe_runtime(loop: asyncio.AbstractEventLoop) -> str:
     impl = platform.python_implementation()
     version = ".".join(map(str, sys.version_info[:3]))

@@ -7,9 +7,10 @@ import logging
 import socket
 from typing import Optional, Set
 
+from pyproxy._compat import is_uvloop
 from pyproxy.config import Settings
 from pyproxy.handler import Handler
-from pyproxy.server.protocol import ClientConnection
+from pyproxy.server.protocol import BufferedClientConnection, ClientConnection
 from pyproxy.upstream.pool import ConnectionPool
 
 log = logging.getLogger("pyproxy")
@@ -27,15 +28,17 @@ class Proxy:
         self.draining = False
         self.stats_client_errors = 0
         self._server: Optional[asyncio.AbstractServer] = None
+        # stdlib loop: read into a reused buffer (see ReusedBufferReads)
+        self._protocol = ClientConnection if is_uvloop(self.loop) else BufferedClientConnection
         self._all_closed: Optional[asyncio.Event] = None
 
     async def start(self, sock: Optional[socket.socket] = None) -> None:
         if sock is not None:
-            self._server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=2048)
+            self._server = await self.loop.create_server(lambda: self._protocol(self), sock=sock, backlog=2048)
         else:
             host, port = self.settings.listen
             self._server = await self.loop.create_server(
-                lambda: ClientConnection(self), host, port, reuse_address=True, backlog=2048
+                lambda: self._protocol(self), host, port, reuse_address=True, backlog=2048
             )
 
     @property

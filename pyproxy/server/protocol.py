@@ -47,7 +47,7 @@ from pyproxy.http.headers import RequestFraming, request_framing
 from pyproxy.http.messages import RequestHead
 from pyproxy.server.body import RequestBody
 from pyproxy.server.flow import BODY_BUFFER_FULL, PIPELINE_WAIT, ReadGate
-from pyproxy.upstream.connection import tune_transport
+from pyproxy.upstream.connection import ReusedBufferReads, set_nodelay
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyproxy.handler import Exchange
@@ -167,7 +167,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.read_gate = ReadGate(self.transport)  # type: ignore[arg-type]
-        tune_transport(transport)
+        set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]).encode("ascii") if peer else b"unknown"
         self.proxy.connection_opened(self)
@@ -531,3 +531,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             timeout -= idle_for
         self._timer = self.loop.call_later(timeout, self._check_idle)
+
+
+class BufferedClientConnection(ReusedBufferReads, ClientConnection, asyncio.BufferedProtocol):
+    __slots__ = ()

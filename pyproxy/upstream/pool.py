@@ -19,9 +19,10 @@ import ssl
 from collections import deque
 from typing import Deque, Optional, Set, Union
 
+from pyproxy._compat import is_uvloop
 from pyproxy.config import Settings, Upstream
 from pyproxy.errors import PoolTimeout, UpstreamConnectError, UpstreamTimeout
-from pyproxy.upstream.connection import ACTIVE, CLOSED, IDLE, UpstreamConnection
+from pyproxy.upstream.connection import ACTIVE, CLOSED, IDLE, BufferedUpstreamConnection, UpstreamConnection
 
 log = logging.getLogger("pyproxy.pool")
 
@@ -73,6 +74,8 @@ class ConnectionPool:
         self.stats = PoolStats()
         self.closed = False
         self._sweep: Optional[asyncio.TimerHandle] = None
+        # stdlib loop: read into a reused buffer (see ReusedBufferReads)
+        self._protocol = UpstreamConnection if is_uvloop(loop) else BufferedUpstreamConnection
 
     # --- counts ----------------------------------------------------------------
 
@@ -163,7 +166,7 @@ class ConnectionPool:
             try:
                 _, opened = await asyncio.wait_for(
                     self.loop.create_connection(
-                        lambda: UpstreamConnection(self, self.loop, self.read_timeout),
+                        lambda: self._protocol(self, self.loop, self.read_timeout),
                         upstream.host,
                         upstream.port,
                         ssl=self.ssl_context,

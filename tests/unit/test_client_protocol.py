@@ -77,3 +77,19 @@ async def test_body_over_high_water_pauses_reading() -> None:
     assert transport.reading  # drained: reading again
     transport.close()
     await settle(client)
+
+
+async def test_buffered_reads_parse_like_data_received() -> None:
+    """The reused-buffer protocol (stdlib loops) hands each read over intact."""
+    from pyproxy.server.protocol import BufferedClientConnection
+
+    proxy = make_client().proxy
+    client = BufferedClientConnection(proxy)
+    client.connection_made(FakeTransport(client))
+    for piece in (b"GET / HTTP/1.1\r\nHost: x\r\nBad", b" Header: 1\r\n\r\n"):
+        view = client.get_buffer(-1)
+        view[: len(piece)] = piece
+        client.buffer_updated(len(piece))
+    assert client.closed
+    assert parse_raw_response(client.transport.data).status == 400  # type: ignore[union-attr]
+    await settle(client)
