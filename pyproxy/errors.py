@@ -115,11 +115,6 @@ class PoolTimeout(UpstreamError):
         return [(b"retry-after", str(self.retry_after).encode("ascii"))]
 
 
-class ShuttingDown(ProxyError):
-    status = 503
-    error_type = "overloaded_error"
-
-
 _date_cache: List[object] = [0, b""]
 
 

@@ -26,6 +26,9 @@ OWS = rb"[ \t]*"
 TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 VCHAR = rb"[\x21-\x7e]"
 VCHAR_OR_OBS_TEXT = rb"[^\x00\s]"
+# field-content and field-value are not matched as regexes here: _parse_fields
+# checks the same grammar with byte classes. They stay, spelled as h11 spells
+# them, so the tripwire test notices if h11's grammar moves.
 FIELD_CONTENT = VCHAR_OR_OBS_TEXT + rb"+(?:[ \t]+" + VCHAR_OR_OBS_TEXT + rb"+)*"
 FIELD_VALUE = rb"(?:" + FIELD_CONTENT + rb")?"
 REASON_PHRASE = rb"(?:[ \t]|" + VCHAR_OR_OBS_TEXT + rb")*"
