@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
+
+from pyproxy._compat import LOOP_CHOICES
 
 
 class ConfigError(ValueError):
@@ -214,9 +216,7 @@ OPTIONS: Tuple[Option, ...] = (
         "forward header names containing '_' (dropped by default, like nginx)",
         metavar="BOOL",
     ),
-    Option(
-        "loop", _choice("auto", "asyncio", "uvloop"), "auto", "event loop implementation", metavar="auto|asyncio|uvloop"
-    ),
+    Option("loop", _choice(*LOOP_CHOICES), "auto", "event loop implementation", metavar="auto|asyncio|uvloop"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "info", "logging level", metavar="LEVEL"),
 )
 OPTIONS_BY_NAME: Dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -297,7 +297,3 @@ def build_settings(
             f"--pool-connections ({settings.pool_connections})"
         )
     return settings
-
-
-def settings_field_names() -> Tuple[str, ...]:
-    return tuple(f.name for f in fields(Settings))

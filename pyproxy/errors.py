@@ -135,10 +135,8 @@ def error_body(status: int, message: str, error_type: str) -> bytes:
 def error_response_parts(exc: ProxyError) -> Tuple[int, Headers, bytes]:
     """Status, headers and JSON body for an error answered by the proxy itself."""
     body = error_body(exc.status, exc.message, exc.error_type)
-    headers: Headers = [
-        (b"date", http_date()),
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode("ascii")),
-    ]
+    headers: Headers = [(b"date", http_date()), (b"content-type", b"application/json")]
     headers.extend(exc.extra_headers())
+    # last, as in client_response_headers: that is where framing is read from
+    headers.append((b"content-length", str(len(body)).encode("ascii")))
     return exc.status, headers, body

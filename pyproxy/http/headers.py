@@ -115,7 +115,7 @@ def to_origin_form(target: bytes) -> bytes:
 
 
 def upstream_request_headers(
-    headers: Iterable[Header],
+    headers: List[Header],
     *,
     upstream_host: bytes,
     client_ip: bytes,
@@ -124,7 +124,6 @@ def upstream_request_headers(
     allow_underscores: bool = False,
 ) -> Headers:
     """Headers to send upstream: hop-by-hop removed, forwarding fields set, re-framed."""
-    headers = list(headers)
     named = connection_tokens(headers)
     out: Headers = []
     original_host = b""
@@ -163,14 +162,15 @@ def upstream_request_headers(
     return out
 
 
-def client_response_headers(headers: Iterable[Header]) -> Headers:
+def client_response_headers(headers: List[Header]) -> Headers:
     """Headers to send to the client: hop-by-hop removed, Via added, re-framed.
 
     A Content-Length is declared only when the upstream declared one and did
     not also send Transfer-Encoding (which wins, RFC 9112 §6.3 ¶3); otherwise
     h11 frames the body itself (chunked for HTTP/1.1 clients, close for 1.0).
+    The Content-Length, when declared, is always the last header: the client
+    protocol reads the framing from there.
     """
-    headers = list(headers)
     named = connection_tokens(headers)
     out: Headers = []
     content_length: Optional[bytes] = None

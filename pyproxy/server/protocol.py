@@ -388,7 +388,8 @@ class ClientConnection(asyncio.Protocol):
 
     def start_response(self, status: int, reason: bytes, headers: List[Tuple[bytes, bytes]]) -> None:
         """Queue the response head. ``headers`` are already cleaned for the client and
-        carry a Content-Length only when the upstream declared one (else: chunked)."""
+        end with a Content-Length only when the body has a declared length (else:
+        chunked); see client_response_headers and error_response_parts."""
         self.response_started = True
         if self.closed:
             return
@@ -400,7 +401,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._method == b"HEAD" or status == 204 or status == 304:
             self._framing = _FRAME_NONE
-        elif (headers and headers[-1][0] == b"content-length") or any(n == b"content-length" for n, _ in headers):
+        elif headers and headers[-1][0] == b"content-length":  # declared last, by contract
             self._framing = _FRAME_LENGTH
         else:
             self._framing = _FRAME_CHUNKED
