@@ -50,6 +50,12 @@ def make_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{option.help} (default: {default}; env: {env})",
         )
+    parser.add_argument(
+        "--no-cache", dest="cache_enabled", action="store_const", const="false", help="same as --cache-enabled false"
+    )
+    parser.add_argument(
+        "--no-dedup", dest="dedup_enabled", action="store_const", const="false", help="same as --dedup-enabled false"
+    )
     return parser
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 from pyproxy._compat import LOOP_CHOICES
+from pyproxy.rules import CACHE_RULE_KEYS, DEDUP_RULE_KEYS, DEFAULT_CACHE_RULES, Rule, RuleError, parse_rules
 
 
 class ConfigError(ValueError):
@@ -126,6 +127,24 @@ def _readable_file(value: Any) -> str:
     return path
 
 
+def _cache_backend(value: Any) -> str:
+    text = str(value)
+    if text == "memory" or text.startswith(("redis://", "rediss://", "unix://")):
+        return text
+    raise ConfigError(f"expected 'memory' or a redis:// URL, got {value!r}")
+
+
+def _header_names(value: Any) -> Tuple[bytes, ...]:
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"expected a list of header names, got {value!r}")
+    cleaned = tuple(n.strip().lower().encode("ascii") for n in names if n.strip())
+    for name in cleaned:
+        if not name.replace(b"-", b"").replace(b"_", b"").isalnum():
+            raise ConfigError(f"not a header name: {name.decode()!r}")
+    return cleaned
+
+
 def _upstream(value: Any) -> Upstream:
     return parse_upstream(str(value))
 
@@ -216,6 +235,59 @@ OPTIONS: Tuple[Option, ...] = (
         "forward header names containing '_' (dropped by default, like nginx)",
         metavar="BOOL",
     ),
+    Option("cache_enabled", _bool, True, "response cache on or off (--no-cache turns it off)", metavar="BOOL"),
+    Option(
+        "cache_backend",
+        _cache_backend,
+        "memory",
+        "where cached responses live: memory (this process) or a redis:// URL (shared)",
+        metavar="memory|URL",
+    ),
+    Option("cache_max_bytes", _int_at_least(0), 256 * 1024 * 1024, "memory cache bound in bytes", metavar="BYTES"),
+    Option("cache_max_entries", _int_at_least(1), 100_000, "memory cache bound in entries", metavar="N"),
+    Option(
+        "cache_max_object_bytes",
+        _int_at_least(0),
+        4 * 1024 * 1024,
+        "largest response body stored (larger ones are relayed, not stored)",
+        metavar="BYTES",
+    ),
+    Option(
+        "cache_identity_headers",
+        _header_names,
+        (),
+        "headers that identify the caller, in addition to Authorization, X-Api-Key, Api-Key and Cookie",
+        metavar="NAME,...",
+    ),
+    Option(
+        "cache_redis_timeout",
+        _positive_float,
+        0.25,
+        "seconds a Redis operation may take before the request goes on as a miss",
+        metavar="S",
+    ),
+    Option(
+        "cache_max_key_body",
+        _int_at_least(0),
+        1024 * 1024,
+        "largest request body a POST rule keys on (larger ones are relayed, not cached or coalesced)",
+        metavar="BYTES",
+    ),
+    Option("dedup_enabled", _bool, True, "coalesce identical in-flight requests (--no-dedup turns it off)", metavar="BOOL"),
+    Option(
+        "dedup_replay_bytes",
+        _int_at_least(0),
+        1024 * 1024,
+        "response bytes kept so a late request can join a fetch in flight",
+        metavar="BYTES",
+    ),
+    Option(
+        "dedup_max_backlog",
+        _int_at_least(64 * 1024),
+        4 * 1024 * 1024,
+        "unsent bytes a joined client may fall behind before it is disconnected",
+        metavar="BYTES",
+    ),
     Option("loop", _choice(*LOOP_CHOICES), "auto", "event loop implementation", metavar="auto|asyncio|uvloop"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "info", "logging level", metavar="LEVEL"),
 )
@@ -238,9 +310,23 @@ class Settings:
     drain_timeout: float = 30.0
     upstream_ca: Optional[str] = None
     allow_underscore_headers: bool = False
+    cache_enabled: bool = True
+    cache_backend: str = "memory"
+    cache_max_bytes: int = 256 * 1024 * 1024
+    cache_max_entries: int = 100_000
+    cache_max_object_bytes: int = 4 * 1024 * 1024
+    cache_identity_headers: Tuple[bytes, ...] = ()
+    cache_redis_timeout: float = 0.25
+    cache_max_key_body: int = 1024 * 1024
+    dedup_enabled: bool = True
+    dedup_replay_bytes: int = 1024 * 1024
+    dedup_max_backlog: int = 4 * 1024 * 1024
     loop: str = "auto"
     log_level: str = "info"
     config: Optional[str] = field(default=None)
+    # Only from the TOML file: [[cache.rules]] and [[dedup.rules]].
+    cache_rules: Tuple[Rule, ...] = DEFAULT_CACHE_RULES
+    dedup_rules: Tuple[Rule, ...] = ()
 
 
 def load_toml(path: str) -> Dict[str, Any]:
@@ -257,6 +343,32 @@ def load_toml(path: str) -> Dict[str, Any]:
         raise ConfigError(f"--config: {path}: {exc}") from None
 
 
+_SECTIONS = {"cache": CACHE_RULE_KEYS, "dedup": DEDUP_RULE_KEYS}
+
+
+def _flatten_toml(
+    table: Mapping[str, Any], path: str, rules: Dict[str, Tuple[Rule, ...]]
+) -> Dict[str, Tuple[str, Any]]:
+    """``[cache] backend = ...`` is the option cache_backend; ``[[cache.rules]]`` are rules."""
+    flat: Dict[str, Tuple[str, Any]] = {}
+    for key, value in table.items():
+        section = key.replace("-", "_")
+        if section in _SECTIONS and isinstance(value, Mapping):
+            for sub, sub_value in value.items():
+                sub_key = sub.replace("-", "_")
+                if sub_key == "rules":
+                    try:
+                        rules[f"{section}_rules"] = parse_rules(sub_value, f"{section}.rules", _SECTIONS[section])
+                    except RuleError as exc:
+                        raise ConfigError(f"--config: {path}: {exc}") from None
+                else:
+                    name = "enabled" if sub_key == "enabled" else sub_key
+                    flat[f"{section}_{name}"] = (f"{section}.{sub}", sub_value)
+        else:
+            flat[key] = (key, value)
+    return flat
+
+
 def build_settings(
     cli: Mapping[str, Any],
     environ: Mapping[str, str],
@@ -265,14 +377,14 @@ def build_settings(
 ) -> Settings:
     """Merge the sources; ``cli`` holds only the options given on the command line."""
     raw: Dict[str, Tuple[str, Any]] = {}
+    rules: Dict[str, Tuple[Rule, ...]] = {}
     config_path = cli.get("config") or environ.get("PYPROXY_CONFIG")
     if config_path:
-        table = load_toml(config_path)
-        for key, value in table.items():
+        for key, (where, value) in _flatten_toml(load_toml(config_path), config_path, rules).items():
             option = OPTIONS_BY_NAME.get(key.replace("-", "_"))
             if option is None:
-                raise ConfigError(f"--config: {config_path}: unknown setting {key!r}")
-            raw[option.name] = (f"{key} in {config_path}", value)
+                raise ConfigError(f"--config: {config_path}: unknown setting {where!r}")
+            raw[option.name] = (f"{where} in {config_path}", value)
     for option in OPTIONS:
         for env_name in option.env_names:
             if env_name in environ:
@@ -290,7 +402,7 @@ def build_settings(
             raise ConfigError(f"{source}: {exc}") from None
     if require_upstream and values.get("upstream") is None:
         raise ConfigError("--upstream is required (or PYPROXY_UPSTREAM, or 'upstream' in --config)")
-    settings = Settings(config=config_path, **values)
+    settings = Settings(config=config_path, **values, **rules)
     if settings.keepalive_connections > settings.pool_connections:
         raise ConfigError(
             f"--keepalive-connections ({settings.keepalive_connections}) must not exceed "

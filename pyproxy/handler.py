@@ -15,8 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
+from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, CachedResponse
+from pyproxy.cache.layer import BYPASS, HIT, MISS, STALE, Cache
+from pyproxy.cache.policy import BYPASS as BYPASS_MODE
+from pyproxy.cache.policy import LOOKUP, REFETCH
+from pyproxy.cache.store import NEED_AWAIT
+from pyproxy.dedup import X_DEDUP_FOLLOWER, Coalescer, Fetch
 from pyproxy.errors import ClientStalled, ProxyError, UpstreamDisconnected
 from pyproxy.http.fastpath import serialize_request_head
 from pyproxy.http.headers import RequestFraming, client_response_headers, to_origin_form, upstream_request_headers
@@ -24,6 +30,7 @@ from pyproxy.http.messages import RequestHead, ResponseHead
 from pyproxy.server.body import RequestBody
 from pyproxy.server.protocol import ClientConnection, ClientGone
 from pyproxy.upstream.connection import ExchangeListener, UpstreamConnection
+from pyproxy.routing import Plan, Router
 from pyproxy.upstream.pool import ConnectionPool
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,6 +42,16 @@ log = logging.getLogger("pyproxy.handler")
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 # Request bodies kept for a retry on a stale connection, at most this much.
 REPLAY_LIMIT = 64 * 1024
+
+# The X-Cache line a fetched response carries, by the request's cache mode.
+_CACHE_HEADERS: Dict[Optional[str], Tuple[bytes, bytes]] = {
+    LOOKUP: (b"x-cache", MISS),
+    REFETCH: (b"x-cache", MISS),
+    BYPASS_MODE: (b"x-cache", BYPASS),
+}
+
+# Whatever an exchange relays a response to: a client, or a coalesced fetch.
+Sink = Union[ClientConnection, Fetch]
 
 
 class Outbound:
@@ -118,6 +135,12 @@ class Exchange(ExchangeListener):
         if not done.done():
             done.set_exception(exc)
 
+    def client_paused(self) -> None:
+        self.conn.pause_reading()
+
+    def client_resumed(self) -> None:
+        self.conn.resume_reading()
+
     def client_gone(self) -> None:
         """Close the upstream at once (not pooled), so it stops generating."""
         if not self.finished:
@@ -129,10 +152,16 @@ class Exchange(ExchangeListener):
 
 
 class Handler:
-    def __init__(self, settings: "Settings", pool: ConnectionPool) -> None:
+    def __init__(
+        self, settings: "Settings", pool: ConnectionPool, cache: Optional[Cache], coalescer: Coalescer
+    ) -> None:
         upstream = settings.upstream
         assert upstream is not None
         self.pool = pool
+        self.cache = cache
+        self.coalescer = coalescer
+        self.router = Router(settings)
+        self.max_key_body = settings.cache_max_key_body
         self.prefix = upstream.prefix
         self.host_header = upstream.host_header
         self.allow_underscores = settings.allow_underscore_headers
@@ -141,27 +170,40 @@ class Handler:
 
     def start(self, client: ClientConnection, request: RequestHead, body: RequestBody, framing: RequestFraming) -> None:
         """Called by the client protocol once per request; never blocks."""
+        if self.router.active:
+            plan = self.router.plan(request, framing.has_body)
+            if plan is not None:
+                if body.complete and body.error is None:
+                    self._keyed(client, request, framing, body, plan, body.take_buffered())
+                else:
+                    client.task = client.loop.create_task(self._keyed_task(client, request, body, framing, plan))
+                return
         if body.complete and body.error is None:
             try:
                 outbound = self._outbound(client, request, framing)
             except ProxyError as exc:
                 client.send_error(exc)
                 return
-            sent = body.take_buffered()
+            self._dispatch(client, body, outbound, body.take_buffered())
+            return
+        client.task = client.loop.create_task(self.handle(client, request, body, framing))
+
+    def _dispatch(self, sink: "Sink", body: RequestBody, outbound: Outbound, sent: List[bytes]) -> None:
+        """Send a request whose body is complete (or whose rest a task will pump): on an
+        idle connection without a task when there is one, else through a task."""
+        if body.complete:
             conn = self.pool.take_idle()
             if conn is not None:
-                exchange = Exchange(client, conn, body, self, outbound, sent, with_future=False)
-                client.exchange = exchange
+                exchange = Exchange(sink, conn, body, self, outbound, sent, with_future=False)
+                sink.exchange = exchange
                 try:
                     conn.start_exchange(exchange, outbound.method, outbound.head, outbound.chunked, sent, end=True)
                     return
                 except UpstreamDisconnected:
                     exchange.finished = True  # gone before use: nothing was sent
                     conn.detach()
-                    client.exchange = None
-            client.task = client.loop.create_task(self._run(client, outbound, body, sent, retried=False))
-            return
-        client.task = client.loop.create_task(self.handle(client, request, body, framing))
+                    sink.exchange = None
+        sink.task = sink.loop.create_task(self._run(sink, outbound, body, sent, retried=False))
 
     def taskless_failed(self, exchange: Exchange, exc: ProxyError) -> None:
         """A taskless exchange failed before any response byte: retry if safe, else answer."""
@@ -176,11 +218,187 @@ class Handler:
         self._log_failure(exchange.outbound, exc)
         client.send_error(exc)
 
+    # --- the keyed path: cache and coalescer ---------------------------------------------------
+
+    async def _keyed_task(
+        self, client: ClientConnection, request: RequestHead, body: RequestBody, framing: RequestFraming, plan: Plan
+    ) -> None:
+        """A keyed request whose body is still arriving: collect it (it is part of the key),
+        up to cache_max_key_body; a larger one is relayed plainly."""
+        try:
+            outbound = self._outbound(client, request, framing)
+            if framing.has_body:
+                client.send_continue()
+            chunks: List[bytes] = []
+            while True:
+                got = await body.read()
+                if got is None:
+                    break
+                chunks += got
+                if body.received > self.max_key_body:
+                    await self._run(client, outbound, body, chunks, retried=False)
+                    return
+        except (asyncio.CancelledError, ClientGone):
+            return
+        except ProxyError as exc:
+            client.send_error(exc)
+            return
+        self._keyed_with(client, body, outbound, plan, chunks)
+
+    def _keyed(
+        self,
+        client: ClientConnection,
+        request: RequestHead,
+        framing: RequestFraming,
+        body: RequestBody,
+        plan: Plan,
+        chunks: List[bytes],
+    ) -> None:
+        try:
+            outbound = self._outbound(client, request, framing)
+        except ProxyError as exc:
+            client.send_error(exc)
+            return
+        self._keyed_with(client, body, outbound, plan, chunks)
+
+    def _keyed_with(
+        self, client: ClientConnection, body: RequestBody, outbound: Outbound, plan: Plan, chunks: List[bytes]
+    ) -> None:
+        if plan.needs_body and not plan.finish(b"".join(chunks)):
+            self._dispatch(client, body, outbound, chunks)  # no rule's conditions hold
+            return
+        cache = self.cache
+        entry = None
+        if cache is not None and plan.cache_mode == LOOKUP:
+            entry = cache.lookup_now(plan.cache_key)
+            if entry is NEED_AWAIT:
+                client.task = client.loop.create_task(self._lookup_then(client, body, outbound, plan, chunks))
+                return
+        self._after_lookup(client, body, outbound, plan, chunks, entry)  # type: ignore[arg-type]
+
+    async def _lookup_then(
+        self, client: ClientConnection, body: RequestBody, outbound: Outbound, plan: Plan, chunks: List[bytes]
+    ) -> None:
+        try:
+            entry = await self.cache.lookup(plan.cache_key)  # type: ignore[union-attr]
+        except asyncio.CancelledError:
+            return
+        if not client.closed:
+            self._after_lookup(client, body, outbound, plan, chunks, entry)
+
+    def _after_lookup(
+        self,
+        client: ClientConnection,
+        body: RequestBody,
+        outbound: Outbound,
+        plan: Plan,
+        chunks: List[bytes],
+        entry: Optional[CachedResponse],
+    ) -> None:
+        cache = self.cache
+        stale = None
+        if entry is not None and cache is not None:
+            state = cache.judge(entry, plan.headers)
+            if state is FRESH:
+                cache.serve(client, entry, HIT, plan.method == b"HEAD")
+                return
+            if state is STALE_WHILE_REVALIDATE:
+                cache.serve(client, entry, STALE, plan.method == b"HEAD")
+                if plan.records:
+                    self._refresh(body, outbound, plan, chunks)
+                return
+            if state is STALE_IF_ERROR:
+                stale = entry
+        elif cache is not None and plan.cache_mode == LOOKUP:
+            cache.stats.misses += 1
+        self._fetch(client, body, outbound, plan, chunks, stale)
+
+    def _fetch(
+        self,
+        client: ClientConnection,
+        body: RequestBody,
+        outbound: Outbound,
+        plan: Plan,
+        chunks: List[bytes],
+        stale: Optional[CachedResponse],
+    ) -> None:
+        coalescer = self.coalescer
+        cache_header = _CACHE_HEADERS.get(plan.cache_mode)
+        if plan.may_join:
+            fetch = coalescer.get(plan.key)
+            if fetch is not None and fetch.joinable:
+                coalescer.stats.followers += 1
+                extra = [cache_header, X_DEDUP_FOLLOWER] if cache_header else [X_DEDUP_FOLLOWER]
+                fetch.subscribe(
+                    client, extra, plan.headers, lambda c: self._dispatch(c, body, outbound, chunks)
+                )
+                return
+        cache = self.cache
+        if cache is not None and plan.cache_mode == BYPASS_MODE:
+            cache.stats.bypass += 1
+        fetch = Fetch(
+            client.loop,
+            plan.key,
+            coalescer,
+            joinable=plan.may_lead,
+            background=False,
+            recording=cache.recording(plan.cache_key, plan.method, plan.cache_rule, plan.headers)
+            if cache is not None and plan.records
+            else None,
+            stale_fallback=self._stale_fallback(stale, plan.method == b"HEAD") if stale is not None else None,
+            leader_headers=plan.headers,
+        )
+        if plan.may_lead or plan.records:
+            coalescer.add(fetch)
+            coalescer.stats.leaders += plan.may_lead
+        fetch.subscribe(client, [cache_header] if cache_header else [], plan.headers)
+        self._dispatch(fetch, body, outbound, chunks)
+
+    def _refresh(self, body: RequestBody, outbound: Outbound, plan: Plan, chunks: List[bytes]) -> None:
+        """Stale-while-revalidate: one background fetch per key refreshes the entry."""
+        coalescer = self.coalescer
+        if coalescer.get(plan.key) is not None:
+            return  # a fetch for this key is already on its way
+        cache = self.cache
+        assert cache is not None
+        cache.stats.refreshes += 1
+        fetch = Fetch(
+            self.pool.loop,
+            plan.key,
+            coalescer,
+            joinable=plan.may_lead,
+            background=True,
+            recording=cache.recording(plan.cache_key, plan.method, plan.cache_rule, plan.headers),
+            stale_fallback=None,
+            leader_headers=plan.headers,
+        )
+        coalescer.add(fetch)
+        self._dispatch(fetch, body, outbound, chunks)
+
+    def _stale_fallback(self, entry: CachedResponse, head_only: bool) -> Callable[[Fetch], bool]:
+        cache = self.cache
+        assert cache is not None
+
+        def serve_stale(fetch: Fetch) -> bool:
+            if not entry.usable_if_error(cache.clock()):
+                return False
+            cache.stats.stale_if_error += 1
+            for sub in fetch.take_subscribers():
+                cache.serve(sub.client, entry, STALE, head_only)
+            return True
+
+        return serve_stale
+
     # --- the task path ---------------------------------------------------------------------
 
     async def handle(
         self, client: ClientConnection, request: RequestHead, body: RequestBody, framing: RequestFraming
     ) -> None:
+        if self.router.active:
+            plan = self.router.plan(request, framing.has_body)
+            if plan is not None:
+                await self._keyed_task(client, request, body, framing, plan)
+                return
         try:
             outbound = self._outbound(client, request, framing)
             if framing.has_body:

@@ -8,6 +8,8 @@ import socket
 from typing import Optional, Set
 
 from pyproxy._compat import is_uvloop
+from pyproxy.cache.layer import Cache
+from pyproxy.dedup import Coalescer
 from pyproxy.config import Settings
 from pyproxy.handler import Handler
 from pyproxy.server.protocol import BufferedClientConnection, ClientConnection
@@ -23,7 +25,9 @@ class Proxy:
         self.settings = settings
         self.loop = loop or asyncio.get_event_loop()
         self.pool = ConnectionPool(settings.upstream, settings, self.loop)
-        self.handler = Handler(settings, self.pool)
+        self.cache: Optional[Cache] = Cache(settings, self.loop) if settings.cache_enabled else None
+        self.coalescer = Coalescer(settings.dedup_replay_bytes, settings.dedup_max_backlog)
+        self.handler = Handler(settings, self.pool, self.cache, self.coalescer)
         self.connections: Set[ClientConnection] = set()
         self.draining = False
         self.stats_client_errors = 0
@@ -80,6 +84,8 @@ class Proxy:
             if conn.transport is not None:
                 conn.transport.abort()
         self.pool.close()
+        if self.cache is not None:
+            await self.cache.close()
         if self._server is not None:
             await self._server.wait_closed()
         # Let the transports' connection_lost callbacks run before the loop ends.

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 import h11
 
@@ -50,8 +50,19 @@ from pyproxy.server.flow import BODY_BUFFER_FULL, PIPELINE_WAIT, ReadGate
 from pyproxy.upstream.connection import ReusedBufferReads, set_nodelay
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pyproxy.handler import Exchange
+    from typing import Protocol
+
     from pyproxy.proxy import Proxy
+
+    class ResponseSource(Protocol):
+        """Where a client's response comes from: an upstream exchange, or a place on a
+        coalesced fetch. It is told when the client goes away or stops reading."""
+
+        def client_gone(self) -> None: ...
+
+        def client_paused(self) -> None: ...
+
+        def client_resumed(self) -> None: ...
 
 log = logging.getLogger("pyproxy.server")
 
@@ -145,7 +156,7 @@ class ClientConnection(asyncio.Protocol):
         self.body: Optional[RequestBody] = None
         self.task: Optional[asyncio.Task[None]] = None
         self.busy = False  # a request is in flight (with or without a task)
-        self.exchange: Optional["Exchange"] = None
+        self.exchange: Optional["ResponseSource"] = None
         self.response_started = False
         self.closed = False
         self.must_close = False
@@ -210,12 +221,12 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._write_paused = True
         if self.exchange is not None:
-            self.exchange.conn.pause_reading()
+            self.exchange.client_paused()
 
     def resume_writing(self) -> None:
         self._write_paused = False
         if self.exchange is not None:
-            self.exchange.conn.resume_reading()
+            self.exchange.client_resumed()
 
     # --- request side: the fast path ----------------------------------------------------
 
@@ -409,6 +420,30 @@ class ClientConnection(asyncio.Protocol):
         if closing or not self._keep_alive:
             headers.append(_CLOSE_HEADER)
         self._out.append(serialize_response_head(status, reason, headers))
+
+    @property
+    def writes_raw(self) -> bool:
+        """Prebuilt response bytes may be written as they are (not in h11 mode)."""
+        return self._mode != _H11
+
+    @property
+    def closing(self) -> bool:
+        """The connection closes after this response (so it must say Connection: close)."""
+        return self.must_close or self.proxy.draining or not self._keep_alive
+
+    def send_prebuilt(self, pieces: Sequence[bytes]) -> None:
+        """A whole response, already serialized with its framing (a cache hit)."""
+        self.response_started = True
+        self._framing = _FRAME_NONE
+        if not self.closed:
+            self._out += pieces
+        self.finish_response()
+
+    def write_backlog(self) -> int:
+        """Bytes written but not yet taken by the socket."""
+        if self.closed or self.transport is None:
+            return 0
+        return self.transport.get_write_buffer_size()
 
     def send_data(self, data: bytes) -> None:
         if self.closed:

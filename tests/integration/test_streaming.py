@@ -59,7 +59,8 @@ async def test_20mb_download_sha256_and_bounded_buffering_for_slow_client() -> N
         await asyncio.sleep(0.3)
         buffered = client_conn.transport.get_write_buffer_size()  # type: ignore[union-attr]
         assert buffered < 4 * MB, f"proxy buffered {buffered} bytes for a paused client"
-        assert client_conn.exchange is not None and client_conn.exchange.conn._reading_paused
+        (upstream_conn,) = proxy.pool.active
+        assert upstream_conn._reading_paused
         conn = h11.Connection(h11.CLIENT)
         conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
         conn.send(h11.EndOfMessage())

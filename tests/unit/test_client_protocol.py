@@ -45,10 +45,13 @@ async def test_head_split_across_reads_is_parsed() -> None:
         client.data_received(piece)
         assert client.task is None
     client.data_received(pieces[-1])
-    assert client.task is not None  # a handler started for the complete head
+    # A handler started for the complete head: as a GET, on a coalesced fetch.
+    assert client.busy and client.exchange is not None
+    assert len(client.proxy.coalescer) == 1
     client.transport.close()  # type: ignore[union-attr]
     await settle(client)
-    assert client.task is None and client.closed
+    assert client.task is None and client.exchange is None and client.closed
+    assert len(client.proxy.coalescer) == 0  # the fetch went with its only client
 
 
 async def test_oversized_head_in_pieces_is_431() -> None:

@@ -1,0 +1,198 @@
+"""A stored response, ready to be written: its head is serialized once, when stored.
+
+A hit costs one small join (the head, the X-Cache and Age lines) and one write.
+Event streams keep their event boundaries: each SSE event is replayed as its
+own chunk, as the upstream sent it.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import List, Optional, Sequence, Tuple
+
+from pyproxy._compat import json_dumps, json_loads
+from pyproxy.http.fastpath import LAST_CHUNK, chunk_pieces, serialize_response_head
+
+Header = Tuple[bytes, bytes]
+
+FRESH = "fresh"
+STALE_WHILE_REVALIDATE = "swr"  # may be served while one refresh runs (RFC 5861 §3)
+STALE_IF_ERROR = "sie"  # may be served only if the upstream fails (RFC 5861 §4)
+EXPIRED = "expired"
+
+_MAGIC = b"PPC1"
+_LEN = struct.Struct(">I")
+# An SSE event ends at a blank line (WHATWG HTML §9.2.6); any of the three line endings.
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# Per-entry bookkeeping counted against the memory bound besides the bytes themselves.
+ENTRY_OVERHEAD = 256
+
+
+def split_events(body: bytes) -> List[bytes]:
+    events, start = [], 0
+    for match in _EVENT_END.finditer(body):
+        events.append(body[start : match.end()])
+        start = match.end()
+    if start < len(body):
+        events.append(body[start:])
+    return events
+
+
+class CachedResponse:
+    __slots__ = (
+        "status",
+        "reason",
+        "headers",
+        "body",
+        "stream",
+        "stored_at",
+        "lifetime",
+        "initial_age",
+        "stale_while_revalidate",
+        "stale_if_error",
+        "vary_names",
+        "vary_values",
+        "head",
+        "wire",
+        "size",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        headers: List[Header],
+        body: bytes,
+        *,
+        stream: bool,
+        stored_at: float,
+        lifetime: float,
+        initial_age: float,
+        stale_while_revalidate: float,
+        stale_if_error: float,
+        vary_names: Tuple[bytes, ...],
+        vary_values: Tuple[bytes, ...],
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers  # as sent to clients, without framing fields
+        self.body = body
+        self.stream = stream  # an event stream: replayed chunked, one chunk per event
+        self.stored_at = stored_at  # wall clock: entries may be shared between machines
+        self.lifetime = lifetime
+        self.initial_age = initial_age
+        self.stale_while_revalidate = stale_while_revalidate
+        self.stale_if_error = stale_if_error
+        self.vary_names = vary_names
+        self.vary_values = vary_values
+        if stream:
+            framing = (b"transfer-encoding", b"chunked")
+            pieces: List[bytes] = []
+            for event in split_events(body):
+                pieces += chunk_pieces(event)
+            pieces.append(LAST_CHUNK)
+            self.wire = b"".join(pieces)
+        else:
+            framing = (b"content-length", b"%d" % len(body))
+            self.wire = body
+        # Without the last CRLF and the blank line: X-Cache, Age (and Connection) follow per response.
+        self.head = serialize_response_head(status, reason, headers + [framing])[:-4]
+        self.size = len(self.head) + len(self.wire) + len(body) * stream + ENTRY_OVERHEAD
+
+    # --- age and state (RFC 9111 §4.2.3, §4.2; RFC 5861) --------------------------------
+
+    def age(self, now: float) -> float:
+        return self.initial_age + max(0.0, now - self.stored_at)
+
+    def state(self, now: float) -> str:
+        age = self.age(now)
+        if age < self.lifetime:
+            return FRESH
+        stale_for = age - self.lifetime
+        if stale_for < self.stale_while_revalidate:
+            return STALE_WHILE_REVALIDATE
+        if stale_for < self.stale_if_error:
+            return STALE_IF_ERROR
+        return EXPIRED
+
+    def usable_if_error(self, now: float) -> bool:
+        """RFC 5861 §4: within stale-if-error (or still fresh)."""
+        return self.age(now) - self.lifetime < max(self.stale_if_error, 0.0)
+
+    def remaining(self, now: float) -> float:
+        """Seconds until the entry is of no use at all (fresh or any stale window)."""
+        return self.lifetime + max(self.stale_while_revalidate, self.stale_if_error) - self.age(now)
+
+    def matches_vary(self, request_values: Tuple[bytes, ...]) -> bool:
+        return self.vary_values == request_values
+
+    # --- writing -----------------------------------------------------------------------
+
+    def response_head(self, cache_status: bytes, age: int, close: bool) -> bytes:
+        tail = b"\r\nconnection: close\r\n\r\n" if close else b"\r\n\r\n"
+        return b"%s\r\nx-cache: %s\r\nage: %d%s" % (self.head, cache_status, age, tail)
+
+    def client_headers(self, cache_status: bytes, age: int) -> List[Header]:
+        """For an h11-mode client: the headers, framing last as start_response expects."""
+        headers = self.headers + [(b"x-cache", cache_status), (b"age", b"%d" % age)]
+        if not self.stream:
+            headers.append((b"content-length", b"%d" % len(self.body)))
+        return headers
+
+    def body_pieces(self) -> List[bytes]:
+        """The body as the h11 path sends it: one piece per event for a stream."""
+        return split_events(self.body) if self.stream else [self.body]
+
+    # --- storage format (the Redis backend) -------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        meta = json_dumps(
+            {
+                "status": self.status,
+                "reason": self.reason.decode("latin-1"),
+                "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in self.headers],
+                "stream": self.stream,
+                "stored_at": self.stored_at,
+                "lifetime": self.lifetime,
+                "initial_age": self.initial_age,
+                "swr": self.stale_while_revalidate,
+                "sie": self.stale_if_error,
+                "vary_names": [n.decode("latin-1") for n in self.vary_names],
+                "vary_values": [v.decode("latin-1") for v in self.vary_values],
+            }
+        )
+        return b"".join((_MAGIC, _LEN.pack(len(meta)), meta, self.body))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Optional["CachedResponse"]:
+        """None for anything that is not an entry this version wrote."""
+        if not data.startswith(_MAGIC) or len(data) < 8:
+            return None
+        (meta_len,) = _LEN.unpack_from(data, 4)
+        try:
+            meta = json_loads(data[8 : 8 + meta_len])
+            return cls(
+                int(meta["status"]),
+                meta["reason"].encode("latin-1"),
+                [(n.encode("latin-1"), v.encode("latin-1")) for n, v in meta["headers"]],
+                data[8 + meta_len :],
+                stream=bool(meta["stream"]),
+                stored_at=float(meta["stored_at"]),
+                lifetime=float(meta["lifetime"]),
+                initial_age=float(meta["initial_age"]),
+                stale_while_revalidate=float(meta["swr"]),
+                stale_if_error=float(meta["sie"]),
+                vary_names=tuple(n.encode("latin-1") for n in meta["vary_names"]),
+                vary_values=tuple(v.encode("latin-1") for v in meta["vary_values"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+
+def strip_framing(headers: Sequence[Header]) -> List[Header]:
+    """Client headers minus the framing pyproxy recomputes, Age and X-Cache (set per hit)."""
+    return [(n, v) for n, v in headers if n not in _NOT_STORED]
+
+
+_NOT_STORED = frozenset({b"content-length", b"transfer-encoding", b"age", b"x-cache"})

@@ -1,0 +1,181 @@
+"""The cache layer: looks entries up, judges them, serves them, and records new ones.
+
+The policy is in ``policy`` (pure), the bytes in a store; this module holds
+the few stateful decisions between them, and the ``X-Cache`` statuses:
+
+- ``HIT``: fresh entry served; ``STALE``: served stale -- within
+  stale-while-revalidate (one background refresh runs) or, when the upstream
+  failed, within stale-if-error;
+- ``MISS``: fetched from the upstream (and stored if storable);
+- ``BYPASS``: the request said no-store, or asked for a range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
+
+from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, CachedResponse, strip_framing
+from pyproxy.cache.policy import Freshness, decide_storage, is_event_stream, request_max_age, vary_values
+from pyproxy.cache.store import NEED_AWAIT, CacheStats, MemoryStore
+from pyproxy.rules import Rule
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyproxy.config import Settings
+    from pyproxy.server.protocol import ClientConnection
+
+log = logging.getLogger("pyproxy.cache")
+
+Header = Tuple[bytes, bytes]
+
+HIT = b"HIT"
+MISS = b"MISS"
+STALE = b"STALE"
+BYPASS = b"BYPASS"
+
+# A hit whose body is at most this large is joined to its head: one write, one packet.
+_JOIN_BODY_BELOW = 16 * 1024
+
+
+class Recording:
+    """A response on its way to the store, if the policy lets it in."""
+
+    __slots__ = ("cache", "key", "method", "rule", "request_headers", "max_bytes", "_entry_args")
+
+    def __init__(
+        self, cache: "Cache", key: bytes, method: bytes, rule: Optional[Rule], request_headers: Sequence[Header]
+    ) -> None:
+        self.cache = cache
+        self.key = key
+        self.method = method
+        self.rule = rule
+        self.request_headers = request_headers
+        self.max_bytes = cache.max_object_bytes
+        self._entry_args: Optional[Tuple[int, bytes, list, Freshness, bool]] = None
+
+    def begin(self, status: int, reason: bytes, headers: Sequence[Header]) -> bool:
+        freshness, why = decide_storage(
+            method=self.method,
+            status=status,
+            request_headers=self.request_headers,
+            response_headers=headers,
+            rule=self.rule,
+            now=self.cache.clock(),
+        )
+        if freshness is None:
+            log.debug("not storing: %s", why)
+            return False
+        self._entry_args = (status, reason, strip_framing(headers), freshness, is_event_stream(headers))
+        return True
+
+    def too_large(self) -> None:
+        self.cache.stats.too_large += 1
+
+    def finish(self, body: bytes) -> None:
+        assert self._entry_args is not None
+        status, reason, headers, freshness, stream = self._entry_args
+        entry = CachedResponse(
+            status,
+            reason,
+            headers,
+            body,
+            stream=stream,
+            stored_at=self.cache.clock(),
+            lifetime=freshness.lifetime,
+            initial_age=freshness.initial_age,
+            stale_while_revalidate=freshness.stale_while_revalidate,
+            stale_if_error=freshness.stale_if_error,
+            vary_names=freshness.vary,
+            vary_values=vary_values(self.request_headers, freshness.vary),
+        )
+        if self.cache.store.put(self.key, entry):
+            self.cache.stats.stores += 1
+
+
+class Cache:
+    def __init__(self, settings: "Settings", loop: asyncio.AbstractEventLoop, clock=time.time) -> None:  # type: ignore[no-untyped-def]
+        self.stats = CacheStats()
+        self.clock = clock
+        self.max_object_bytes = settings.cache_max_object_bytes
+        self.rules = settings.cache_rules
+        self.store: Union[MemoryStore, "RedisStore"]  # noqa: F821
+        if settings.cache_backend == "memory":
+            self.store = MemoryStore(settings.cache_max_bytes, settings.cache_max_entries, self.stats, clock)
+        else:
+            from pyproxy.cache.redis_store import RedisStore
+
+            self.store = RedisStore(settings.cache_backend, settings.cache_redis_timeout, self.stats, clock, loop)
+
+    # --- lookups ---------------------------------------------------------------------
+
+    def lookup_now(self, key: bytes) -> Union[CachedResponse, None, str]:
+        """The entry, None, or NEED_AWAIT when the store must be awaited (``lookup``)."""
+        return self.store.get_now(key)
+
+    async def lookup(self, key: bytes) -> Optional[CachedResponse]:
+        return await self.store.get(key)
+
+    def judge(self, entry: Optional[CachedResponse], request_headers: Sequence[Header]) -> Optional[str]:
+        """FRESH, STALE_WHILE_REVALIDATE, STALE_IF_ERROR, or None (unusable) for this request."""
+        if entry is None:
+            return None
+        if entry.vary_names and not entry.matches_vary(vary_values(request_headers, entry.vary_names)):
+            return None  # §4.1: stored for a request with other Vary-named values
+        now = self.clock()
+        state = entry.state(now)
+        if state is FRESH:
+            max_age = request_max_age(request_headers)
+            if max_age is not None and entry.age(now) > max_age:
+                return None  # §5.2.1.1: the client wants something younger
+            return FRESH
+        if state is STALE_WHILE_REVALIDATE or state is STALE_IF_ERROR:
+            return state
+        return None
+
+    # --- answers ---------------------------------------------------------------------
+
+    def serve(self, client: "ClientConnection", entry: CachedResponse, status: bytes, head_only: bool) -> None:
+        """Answer a client from an entry: prebuilt head, one write where it can."""
+        if status is HIT:
+            self.stats.hits += 1
+        else:
+            self.stats.stale += 1
+        age = int(entry.age(self.clock()))
+        if client.writes_raw:
+            head = entry.response_head(status, age, client.closing)
+            wire = entry.wire
+            if head_only or not wire:
+                client.send_prebuilt((head,))
+            elif len(wire) <= _JOIN_BODY_BELOW:
+                client.send_prebuilt((head + wire,))
+            else:
+                client.send_prebuilt((head, wire))
+            return
+        client.start_response(entry.status, entry.reason, entry.client_headers(status, age))
+        if not head_only:
+            for piece in entry.body_pieces():
+                client.send_data(piece)
+        client.finish_response()
+
+    def recording(
+        self, key: bytes, method: bytes, rule: Optional[Rule], request_headers: Sequence[Header]
+    ) -> Recording:
+        return Recording(self, key, method, rule, request_headers)
+
+    # --- operations ------------------------------------------------------------------
+
+    async def purge(self, path: Optional[bytes] = None, prefix: Optional[bytes] = None) -> int:
+        """Remove entries: those for one path (any query, method, caller), those whose
+        key starts with a prefix (a path prefix), or all when neither is given."""
+        removed = await self.store.purge(path=path, prefix=prefix)
+        log.info("cache purge (path=%r, prefix=%r): %d entries removed", path, prefix, removed)
+        return removed
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+def needs_await(value: object) -> bool:
+    return value is NEED_AWAIT

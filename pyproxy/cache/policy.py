@@ -1,0 +1,275 @@
+"""RFC 9111 as pure functions: what a shared cache may store, for how long, and when
+a stored response may be used. No I/O and no clock of its own: callers pass ``now``.
+
+pyproxy stores only responses with *explicit* freshness (``s-maxage``,
+``max-age``, ``Expires``) or a TTL from an operator's rule; it never applies
+heuristic freshness (§4.2.2). It does not revalidate with conditional
+requests: where the RFC requires validation, pyproxy fetches anew.
+"""
+
+from __future__ import annotations
+
+from email.utils import parsedate_to_datetime
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from pyproxy.rules import Rule
+
+Header = Tuple[bytes, bytes]
+Directives = Dict[bytes, Optional[bytes]]
+
+# §1.2.2: a delta-seconds too large to represent is taken as 2^31.
+_DELTA_MAX = 2**31
+
+# Request modes, decided from the request alone.
+LOOKUP = "lookup"  # may be answered from the cache
+REFETCH = "refetch"  # must not be answered from the cache, but the response may be stored
+BYPASS = "bypass"  # neither read nor written (no-store, Range)
+
+# Statuses a stored response may have. 206 (no range support) and 304 (no
+# revalidation) are left out, as are informational ones.
+_STORABLE_STATUSES = frozenset(range(200, 600)) - {206, 304}
+
+
+def parse_cache_control(values: Iterable[bytes]) -> Directives:
+    """Directives of every Cache-Control field line (§5.2), names lowercased,
+    quoted values unquoted. A repeated directive keeps its first value."""
+    directives: Directives = {}
+    for value in values:
+        for item in _split_list(value):
+            name, eq, arg = item.partition(b"=")
+            name = name.strip().lower()
+            if not name:
+                continue
+            arg = arg.strip()
+            if arg.startswith(b'"') and arg.endswith(b'"') and len(arg) >= 2:
+                arg = arg[1:-1]
+            directives.setdefault(name, arg if eq else None)
+    return directives
+
+
+def _split_list(value: bytes) -> List[bytes]:
+    """Split a comma-separated field value, keeping commas inside quoted strings."""
+    if b'"' not in value:
+        return value.split(b",")
+    items, current, quoted = [], bytearray(), False
+    for byte in value:
+        if byte == 0x22:  # '"'
+            quoted = not quoted
+        if byte == 0x2C and not quoted:  # ','
+            items.append(bytes(current))
+            current = bytearray()
+        else:
+            current.append(byte)
+    items.append(bytes(current))
+    return items
+
+
+def delta_seconds(value: Optional[bytes]) -> Optional[int]:
+    """§1.2.2: a non-negative integer; anything else is invalid (None)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isdigit():
+        return None
+    return min(int(value), _DELTA_MAX)
+
+
+def parse_http_date(value: bytes) -> Optional[float]:
+    """RFC 9110 §5.6.7 (IMF-fixdate, and the obsolete RFC 850 / asctime forms) to epoch seconds."""
+    try:
+        parsed = parsedate_to_datetime(value.decode("latin-1"))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if parsed is None:  # pragma: no cover - older Pythons returned None
+        return None
+    try:
+        return parsed.timestamp()
+    except (OverflowError, ValueError, OSError):  # pragma: no cover
+        return None
+
+
+def field_values(headers: Sequence[Header], name: bytes) -> List[bytes]:
+    return [v for n, v in headers if n == name]
+
+
+def request_mode(headers: Sequence[Header]) -> str:
+    """How a request may use the cache (§5.2.1, §5.4)."""
+    cache_control: List[bytes] = []
+    pragma_no_cache = False
+    for name, value in headers:
+        if name == b"cache-control":
+            cache_control.append(value)
+        elif name == b"range":
+            return BYPASS  # partial responses are not stored or served
+        elif name == b"pragma" and b"no-cache" in value.lower():
+            pragma_no_cache = True
+    if not cache_control:
+        # §5.4: Pragma: no-cache counts only when there is no Cache-Control.
+        return REFETCH if pragma_no_cache else LOOKUP
+    directives = parse_cache_control(cache_control)
+    if b"no-store" in directives:  # §5.2.1.5
+        return BYPASS
+    if b"no-cache" in directives:  # §5.2.1.4
+        return REFETCH
+    if delta_seconds(directives.get(b"max-age", b"x")) == 0:  # §5.2.1.1: nothing older than 0 s
+        return REFETCH
+    return LOOKUP
+
+
+def request_max_age(headers: Sequence[Header]) -> Optional[int]:
+    """§5.2.1.1: the client accepts nothing older than this."""
+    values = field_values(headers, b"cache-control")
+    if not values:
+        return None
+    return delta_seconds(parse_cache_control(values).get(b"max-age"))
+
+
+class Freshness:
+    """What storing a response was decided with (§4.2): its lifetime and stale windows."""
+
+    __slots__ = ("lifetime", "initial_age", "stale_while_revalidate", "stale_if_error", "vary")
+
+    def __init__(
+        self,
+        lifetime: float,
+        initial_age: float,
+        stale_while_revalidate: float,
+        stale_if_error: float,
+        vary: Tuple[bytes, ...],
+    ) -> None:
+        self.lifetime = lifetime
+        self.initial_age = initial_age
+        self.stale_while_revalidate = stale_while_revalidate
+        self.stale_if_error = stale_if_error
+        self.vary = vary
+
+
+def vary_names(headers: Sequence[Header]) -> Optional[Tuple[bytes, ...]]:
+    """The request fields a response varies on, lowercased; None for ``Vary: *``."""
+    names: List[bytes] = []
+    for value in field_values(headers, b"vary"):
+        for item in value.split(b","):
+            item = item.strip().lower()
+            if item == b"*":
+                return None  # §4.1: always fails to match
+            if item and item not in names:
+                names.append(item)
+    return tuple(sorted(names))
+
+
+def vary_values(request_headers: Sequence[Header], names: Tuple[bytes, ...]) -> Tuple[bytes, ...]:
+    """§4.1: the request's values of the Vary-named fields, combined per field and
+    with whitespace around the commas normalised, so equivalent lists compare equal."""
+    values = []
+    for name in names:
+        parts = [p.strip() for v in field_values(request_headers, name) for p in v.split(b",")]
+        values.append(b",".join(p for p in parts if p))
+    return tuple(values)
+
+
+def decide_storage(
+    *,
+    method: bytes,
+    status: int,
+    request_headers: Sequence[Header],
+    response_headers: Sequence[Header],
+    rule: Optional[Rule],
+    now: float,
+) -> Tuple[Optional[Freshness], str]:
+    """Whether a response may be stored by a shared cache, and with what freshness.
+
+    Returns ``(Freshness, "")`` or ``(None, reason)``. ``rule`` is the operator's
+    cache rule that matched the request, if any: it permits a method other than
+    GET/HEAD, supplies a TTL where the response gives none, and -- because rule
+    entries are keyed by the caller's credentials -- lifts the Authorization rule
+    of §3.5.
+    """
+    if rule is None and method not in (b"GET", b"HEAD"):
+        return None, "method not cacheable"  # §3: understood and cacheable methods only
+    if status not in _STORABLE_STATUSES:
+        return None, f"status {status} not stored"
+    request_cc = parse_cache_control(field_values(request_headers, b"cache-control"))
+    if b"no-store" in request_cc:
+        return None, "request no-store"  # §3, §5.2.1.5
+    cc = parse_cache_control(field_values(response_headers, b"cache-control"))
+    if b"no-store" in cc:
+        return None, "response no-store"  # §5.2.2.5
+    if b"private" in cc:
+        return None, "response private"  # §5.2.2.7: a shared cache must not store it
+    if b"no-cache" in cc:
+        # §5.2.2.4: usable only after validation on every request, which
+        # pyproxy does not do -- storing it would never help.
+        return None, "response no-cache"
+    if field_values(response_headers, b"set-cookie"):
+        return None, "response sets a cookie"
+    names = vary_names(response_headers)
+    if names is None:
+        return None, "Vary: *"
+    if rule is None and any(n == b"authorization" for n, _ in request_headers):
+        # §3.5: a shared cache stores an answer to an authenticated request only if told it may.
+        if not (b"must-revalidate" in cc or b"public" in cc or b"s-maxage" in cc):
+            return None, "authenticated request"
+    if is_event_stream(response_headers) and not (rule is not None and rule.stream):
+        return None, "event stream (a rule may allow it with stream = true)"
+
+    date = _first_date(response_headers, b"date")
+    lifetime = _explicit_lifetime(cc, response_headers, date, now)
+    if lifetime is None:
+        if rule is None or not 200 <= status < 300:
+            return None, "no explicit freshness"  # heuristic freshness is never used
+        lifetime = rule.ttl
+    # §4.2.3, without the response delay (pyproxy does not timestamp requests):
+    # the larger of the Age the upstream sent and what the Date implies.
+    age_value = delta_seconds(_first(response_headers, b"age")) or 0
+    apparent_age = max(0.0, now - date) if date is not None else 0.0
+    initial_age = max(float(age_value), apparent_age)
+
+    if b"must-revalidate" in cc or b"proxy-revalidate" in cc or b"s-maxage" in cc:
+        swr = sie = 0.0  # §5.2.2.2, §5.2.2.8, §5.2.2.10: never served stale
+    else:
+        swr = _window(cc, b"stale-while-revalidate", rule.stale_while_revalidate if rule else 0.0)
+        sie = _window(cc, b"stale-if-error", rule.stale_if_error if rule else 0.0)
+    if lifetime - initial_age <= 0 and swr <= 0 and sie <= 0:
+        return None, "already stale"
+    return Freshness(float(lifetime), initial_age, swr, sie, names), ""
+
+
+def _explicit_lifetime(cc: Directives, headers: Sequence[Header], date: Optional[float], now: float) -> Optional[float]:
+    """§4.2.1: s-maxage, else max-age, else Expires minus Date."""
+    for directive in (b"s-maxage", b"max-age"):
+        if directive in cc:
+            seconds = delta_seconds(cc[directive])
+            # An invalid value makes the response stale (§4.2.1, §5.2.2.1).
+            return float(seconds) if seconds is not None else 0.0
+    expires_values = field_values(headers, b"expires")
+    if expires_values:
+        expires = parse_http_date(expires_values[0])
+        if expires is None:
+            return 0.0  # §5.3: an invalid Expires means already expired
+        return max(0.0, expires - (date if date is not None else now))
+    return None
+
+
+def _window(cc: Directives, directive: bytes, default: float) -> float:
+    """RFC 5861 windows: the response's own value wins over the rule's."""
+    if directive in cc:
+        seconds = delta_seconds(cc[directive])
+        return float(seconds) if seconds is not None else 0.0
+    return default
+
+
+def _first(headers: Sequence[Header], name: bytes) -> Optional[bytes]:
+    for n, v in headers:
+        if n == name:
+            return v
+    return None
+
+
+def _first_date(headers: Sequence[Header], name: bytes) -> Optional[float]:
+    value = _first(headers, name)
+    return parse_http_date(value) if value is not None else None
+
+
+def is_event_stream(headers: Sequence[Header]) -> bool:
+    value = _first(headers, b"content-type")
+    return value is not None and value.split(b";", 1)[0].strip().lower() == b"text/event-stream"

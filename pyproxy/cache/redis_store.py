@@ -1,0 +1,147 @@
+"""The shared store: entries in Redis, so every pyproxy process and machine sees one cache.
+
+Redis is an optimisation, never a dependency of a request: every operation
+has a short deadline (``cache_redis_timeout``); a failure counts an error,
+answers as a miss, and opens a circuit for a backoff period (0.5 s doubling
+to 5 s) during which Redis is not asked at all, so a dead Redis costs
+requests nothing. The first success closes the circuit again. Writes are
+fire-and-forget, bounded in number; beyond the bound they are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Optional, Set, Union
+
+from pyproxy.cache.entry import CachedResponse
+from pyproxy.cache.store import NEED_AWAIT, CacheStats, purge_matches
+
+log = logging.getLogger("pyproxy.cache")
+
+NAMESPACE = b"pyproxy:c:"
+MAX_PENDING_WRITES = 64
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 5.0
+_GLOB_SPECIAL = frozenset(b"*?[]\\")
+
+
+def glob_escape(data: bytes) -> bytes:
+    return bytes(b for c in data for b in ((0x5C, c) if c in _GLOB_SPECIAL else (c,)))
+
+
+class RedisStore:
+    synchronous = False
+
+    def __init__(self, url: str, timeout: float, stats: CacheStats, clock, loop: asyncio.AbstractEventLoop) -> None:  # type: ignore[no-untyped-def]
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.url = url
+        self.timeout = timeout
+        self.stats = stats
+        self._clock = clock
+        self._loop = loop
+        self._client: Any = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),  # our own deadline and circuit decide, not retries
+            max_connections=256,
+        )
+        self._down_until = 0.0
+        self._backoff = BACKOFF_MIN
+        self._writes: Set["asyncio.Task[None]"] = set()
+
+    # --- the circuit ---------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        return self._loop.time() >= self._down_until
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.stats.errors += 1
+        if self.available:
+            log.warning(
+                "redis %s failed (%s); cache reads and writes skip redis for %.1f s",
+                what,
+                type(exc).__name__ if isinstance(exc, asyncio.TimeoutError) else exc,
+                self._backoff,
+            )
+            self._down_until = self._loop.time() + self._backoff
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+
+    def _succeeded(self) -> None:
+        if self._backoff != BACKOFF_MIN:
+            log.info("redis is answering again")
+        self._backoff = BACKOFF_MIN
+
+    # --- the store interface ------------------------------------------------------------
+
+    def get_now(self, key: bytes) -> Union[CachedResponse, None, str]:
+        return NEED_AWAIT if self.available else None
+
+    async def get(self, key: bytes) -> Optional[CachedResponse]:
+        if not self.available:
+            return None
+        try:
+            data = await asyncio.wait_for(self._client.get(NAMESPACE + key), self.timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure of Redis is a miss, never the request's failure
+            self._failed("read", exc)
+            return None
+        self._succeeded()
+        if data is None:
+            return None
+        entry = CachedResponse.from_bytes(data)
+        if entry is None or entry.remaining(self._clock()) <= 0:
+            return None
+        return entry
+
+    def put(self, key: bytes, entry: CachedResponse) -> bool:
+        if not self.available or len(self._writes) >= MAX_PENDING_WRITES:
+            return False
+        ttl_ms = max(1000, int(entry.remaining(self._clock()) * 1000))
+        task = self._loop.create_task(self._put(NAMESPACE + key, entry.to_bytes(), ttl_ms))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return True
+
+    async def _put(self, key: bytes, value: bytes, ttl_ms: int) -> None:
+        try:
+            await asyncio.wait_for(self._client.set(key, value, px=ttl_ms), self.timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed("write", exc)
+        else:
+            self._succeeded()
+
+    async def purge(self, path: Optional[bytes] = None, prefix: Optional[bytes] = None) -> int:
+        """SCAN for the namespace (and path) prefix, delete in batches. Errors propagate:
+        an operator asking for a purge must learn that it failed."""
+        start = path if path is not None else (prefix or b"")
+        pattern = NAMESPACE + glob_escape(start) + b"*"
+        removed = 0
+        batch = []
+        async for full_key in self._client.scan_iter(match=pattern, count=1000):
+            if purge_matches(full_key[len(NAMESPACE) :], path, prefix):
+                batch.append(full_key)
+            if len(batch) >= 500:
+                removed += await self._client.unlink(*batch)
+                batch = []
+        if batch:
+            removed += await self._client.unlink(*batch)
+        return removed
+
+    async def close(self) -> None:
+        for task in list(self._writes):
+            task.cancel()
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        try:
+            await self._client.aclose() if hasattr(self._client, "aclose") else await self._client.close()
+        except Exception:  # pragma: no cover - closing a broken client
+            pass

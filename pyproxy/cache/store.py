@@ -1,0 +1,136 @@
+"""Where entries live: an in-process LRU bounded by bytes and by entries.
+
+Every store has the same interface, so the cache layer never knows which it
+has: ``get_now`` answers at once when it can (memory) and returns
+``NEED_AWAIT`` when it cannot (Redis), ``get`` is the awaitable form, ``put``
+never blocks, and ``purge`` removes by path, by key prefix, or everything.
+
+Keys begin with the request target, so a purge by path or prefix needs no index.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Union
+
+from pyproxy.cache.entry import CachedResponse
+
+NEED_AWAIT = "need-await"
+
+
+class CacheStats:
+    """Counters the metrics endpoint reads; plain ints, updated without locks (one loop)."""
+
+    __slots__ = (
+        "hits",
+        "misses",
+        "stale",
+        "bypass",
+        "stores",
+        "evictions",
+        "too_large",
+        "errors",
+        "refreshes",
+        "stale_if_error",
+        "entries",
+        "bytes_stored",
+    )
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def key_path(key: bytes) -> bytes:
+    """The path part of a key (before the query and the key's other fields)."""
+    end = key.find(b"\x00")
+    target = key if end < 0 else key[:end]
+    query = target.find(b"?")
+    return target if query < 0 else target[:query]
+
+
+def purge_matches(key: bytes, path: Optional[bytes], prefix: Optional[bytes]) -> bool:
+    if path is not None:
+        return key_path(key) == path
+    if prefix is not None:
+        return key.startswith(prefix)
+    return True
+
+
+class MemoryStore:
+    """LRU by recency of use; bounded by total bytes and by entry count.
+
+    An entry larger than ``max_object_bytes`` is never stored. Entries past
+    every stale window are dropped when looked up; the byte bound evicts the
+    rest, so nothing here grows with traffic beyond the bounds.
+    """
+
+    synchronous = True
+
+    def __init__(self, max_bytes: int, max_entries: int, stats: CacheStats, clock) -> None:  # type: ignore[no-untyped-def]
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.stats = stats
+        self._clock = clock
+        self._entries: "OrderedDict[bytes, CachedResponse]" = OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes_used(self) -> int:
+        return self._bytes
+
+    def get_now(self, key: bytes) -> Union[CachedResponse, None, str]:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.remaining(self._clock()) <= 0:
+            self._remove(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    async def get(self, key: bytes) -> Optional[CachedResponse]:
+        return self.get_now(key)  # type: ignore[return-value]
+
+    def put(self, key: bytes, entry: CachedResponse) -> bool:
+        size = entry.size + len(key)
+        if size > self.max_bytes:
+            self.stats.too_large += 1
+            return False
+        if key in self._entries:
+            self._remove(key)
+        entries = self._entries
+        while entries and (self._bytes + size > self.max_bytes or len(entries) >= self.max_entries):
+            old_key, old = entries.popitem(last=False)
+            self._bytes -= old.size + len(old_key)
+            self.stats.evictions += 1
+        entries[key] = entry
+        self._bytes += size
+        self._update_gauges()
+        return True
+
+    async def purge(self, path: Optional[bytes] = None, prefix: Optional[bytes] = None) -> int:
+        doomed = [k for k in self._entries if purge_matches(k, path, prefix)]
+        for key in doomed:
+            self._remove(key)
+        return len(doomed)
+
+    async def close(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+        self._update_gauges()
+
+    def _remove(self, key: bytes) -> None:
+        old = self._entries.pop(key)
+        self._bytes -= old.size + len(key)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.stats.entries = len(self._entries)
+        self.stats.bytes_stored = self._bytes
