@@ -149,7 +149,7 @@ class Fetch:
         self._headers: List[Header] = []
         self._chunks: Optional[List[bytes]] = []
         self._buffered = 0
-        self._keep_limit = max(coalescer.replay_bytes if joinable else 0, recording.max_bytes if recording else 0)
+        self._keep_limit = 0  # retained bytes past which _outgrown decides again
         self._diverted = False  # the response was replaced by a stale entry
         self._leader_headers = leader_headers
 
@@ -236,11 +236,8 @@ class Fetch:
         recording = self.recording
         if recording is not None and not recording.begin(status, reason, headers):
             self.recording = None
-        self._keep_limit = max(
-            self.coalescer.replay_bytes if self.joinable else 0, recording.max_bytes if self.recording else 0
-        )
-        if headers and headers[-1][0] == b"content-length" and int(headers[-1][1]) > self._keep_limit:
-            self._stop_keeping()
+        declared = int(headers[-1][1]) if headers and headers[-1][0] == b"content-length" else 0
+        self._outgrown(declared)
         if self.subscribers:
             self._check_vary(headers)
         for sub in self.subscribers:
@@ -252,10 +249,9 @@ class Fetch:
         chunks = self._chunks
         if chunks is not None:
             self._buffered += len(data)
+            chunks.append(data)
             if self._buffered > self._keep_limit:
                 self._outgrown()
-            else:
-                chunks.append(data)
         for sub in self.subscribers:
             sub.client.send_data(data)
 
@@ -317,23 +313,25 @@ class Fetch:
 
     # --- bounded retention --------------------------------------------------------------
 
-    def _outgrown(self) -> None:
-        if self.recording is not None and self._buffered > self.recording.max_bytes:
-            self.recording.too_large()
-            self.recording = None
-        if self.joinable and self._buffered > self.coalescer.replay_bytes:
+    def _outgrown(self, size: int = 0) -> None:
+        """Retained (or declared) bytes passed a limit: drop whoever needed less.
+        Afterwards ``_keep_limit`` is the next limit, and nothing is kept when
+        neither the cache nor late joiners can use it any more."""
+        size = max(size, self._buffered)
+        recording = self.recording
+        if recording is not None and size > recording.max_bytes:
+            recording.too_large()
+            self.recording = recording = None
+        if self.joinable and size > self.coalescer.replay_bytes:
             self.joinable = False
             self.coalescer.remove(self)  # later requests fetch on their own
-        if self.recording is None and not self.joinable:
+        limits = [recording.max_bytes] if recording is not None else []
+        if self.joinable:
+            limits.append(self.coalescer.replay_bytes)
+        if limits:
+            self._keep_limit = min(limits)
+        else:
             self._chunks = None
-
-    def _stop_keeping(self) -> None:
-        if self.recording is not None:
-            self.recording.too_large()
-            self.recording = None
-        self.joinable = False
-        self.coalescer.remove(self)
-        self._chunks = None
 
     def _check_vary(self, headers: List[Header]) -> None:
         """§4.1 of RFC 9111 applied to followers: one whose Vary-named request fields

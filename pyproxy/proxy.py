@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Optional, Set
+import time
+from typing import Callable, Optional, Set
 
 from pyproxy._compat import is_uvloop
 from pyproxy.cache.layer import Cache
@@ -19,13 +20,19 @@ log = logging.getLogger("pyproxy")
 
 
 class Proxy:
-    def __init__(self, settings: Settings, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        loop: Optional[asyncio.AbstractEventLoop] = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``clock`` is the wall clock cache ages are measured by (tests pass a fake one)."""
         if settings.upstream is None:
             raise ValueError("settings.upstream is required")
         self.settings = settings
         self.loop = loop or asyncio.get_event_loop()
         self.pool = ConnectionPool(settings.upstream, settings, self.loop)
-        self.cache: Optional[Cache] = Cache(settings, self.loop) if settings.cache_enabled else None
+        self.cache: Optional[Cache] = Cache(settings, self.loop, clock) if settings.cache_enabled else None
         self.coalescer = Coalescer(settings.dedup_replay_bytes, settings.dedup_max_backlog)
         self.handler = Handler(settings, self.pool, self.cache, self.coalescer)
         self.connections: Set[ClientConnection] = set()

@@ -9,8 +9,9 @@ A key is ``target NUL method NUL caller NUL body``:
   requests never share an entry or a fetch; ``*`` only for a rule marked
   ``shared = true``; ``-`` for a request with no credentials at all;
 - *body* is a digest of the canonical JSON body for POST rules: parsed, keys
-  sorted, whitespace dropped, ``ignore_fields`` removed -- the same request
-  written two ways is one key. A body that is not JSON is keyed by its bytes.
+  sorted, whitespace dropped, integral floats written as integers (``0.0`` is
+  ``0``), ``ignore_fields`` removed -- the same request written two ways is
+  one key. A body that is not JSON is keyed by its bytes.
 """
 
 from __future__ import annotations
@@ -87,10 +88,23 @@ def body_digest(body: bytes, rule: Rule, parsed: Tuple[bool, Any]) -> bytes:
         return b"raw-" + _digest(body)
     if rule.ignore_fields and isinstance(value, dict):
         value = {k: v for k, v in value.items() if k not in rule.ignore_fields}
+    value = _same_numbers(value)
     # Serialized by the standard library on every interpreter, so processes on
     # CPython (orjson) and PyPy that share a Redis cache compute equal keys.
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
     return b"json-" + _digest(canonical.encode("utf-8", "surrogatepass"))
+
+
+def _same_numbers(value: Any) -> Any:
+    """JSON has one number type: 0 and 0.0 (a temperature) are the same value."""
+    kind = type(value)
+    if kind is float:
+        return int(value) if value.is_integer() and abs(value) < 2**53 else value
+    if kind is dict:
+        return {k: _same_numbers(v) for k, v in value.items()}
+    if kind is list:
+        return [_same_numbers(v) for v in value]
+    return value
 
 
 def request_key(target: bytes, method: bytes, caller: bytes, body: bytes = NO_BODY) -> bytes:

@@ -180,9 +180,10 @@ def decide_storage(
 
     Returns ``(Freshness, "")`` or ``(None, reason)``. ``rule`` is the operator's
     cache rule that matched the request, if any: it permits a method other than
-    GET/HEAD, supplies a TTL where the response gives none, and -- because rule
-    entries are keyed by the caller's credentials -- lifts the Authorization rule
-    of §3.5.
+    GET/HEAD, supplies a TTL where the response gives none, overrides a response's
+    ``no-cache`` (then the rule's TTL applies), and -- because rule entries are
+    keyed by the caller's credentials -- lifts the Authorization rule of §3.5.
+    ``no-store``, ``private`` and Set-Cookie hold even under a rule.
     """
     if rule is None and method not in (b"GET", b"HEAD"):
         return None, "method not cacheable"  # §3: understood and cacheable methods only
@@ -197,9 +198,13 @@ def decide_storage(
     if b"private" in cc:
         return None, "response private"  # §5.2.2.7: a shared cache must not store it
     if b"no-cache" in cc:
-        # §5.2.2.4: usable only after validation on every request, which
-        # pyproxy does not do -- storing it would never help.
-        return None, "response no-cache"
+        if rule is None:
+            # §5.2.2.4: usable only after validation on every request, which
+            # pyproxy does not do -- storing it would never help.
+            return None, "response no-cache"
+        # An operator's rule says this route may be served from cache even so:
+        # event streams in particular send no-cache as a matter of course.
+        cc = {k: v for k, v in cc.items() if k not in (b"no-cache", b"max-age", b"s-maxage", b"must-revalidate")}
     if field_values(response_headers, b"set-cookie"):
         return None, "response sets a cookie"
     names = vary_names(response_headers)

@@ -175,8 +175,9 @@ def make_settings(upstream: str, **overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def running_proxy(upstream: str, **overrides: Any) -> AsyncIterator[Proxy]:
-    proxy = Proxy(make_settings(upstream, **overrides), asyncio.get_running_loop())
+async def running_proxy(upstream: str, clock: Any = None, **overrides: Any) -> AsyncIterator[Proxy]:
+    loop = asyncio.get_running_loop()
+    proxy = Proxy(make_settings(upstream, **overrides), loop, clock) if clock else Proxy(make_settings(upstream, **overrides), loop)
     await proxy.start()
     try:
         yield proxy

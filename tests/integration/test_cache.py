@@ -1,0 +1,385 @@
+"""The cache through real sockets: an in-test origin, the proxy, and a test client.
+
+Ages are driven by a fake wall clock handed to the proxy, so no test sleeps
+for an entry to go stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Iterable, List, Tuple
+
+from pyproxy.rules import Rule
+from tests.support.client import Client, Response, raw_exchange, request, running_proxy, wait_until
+from tests.support.fakes import FakeClock
+from tests.support.origin import MODELS_BODY, Origin, Received, Reply
+
+Headers = List[Tuple[bytes, bytes]]
+
+
+def rule(path: bytes, methods: Iterable[bytes] = (b"GET",), **kw: object) -> Rule:
+    prefix = path.endswith(b"*")
+    return Rule(
+        methods=frozenset(methods),
+        path=path[:-1] if prefix else path,
+        prefix=prefix,
+        name=path.decode(),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def hits(origin: Origin, path: bytes) -> int:
+    return sum(1 for r in origin.requests if r.target.split(b"?")[0] == path)
+
+
+def add_counting_route(origin: Origin, path: bytes, headers: Headers, status: int = 200) -> None:
+    """``path`` answers with its own request count, so a test sees which fetch it got."""
+
+    @origin.route(path)
+    async def route(req: Received, reply: Reply) -> None:
+        body = json.dumps({"n": hits(origin, path), "auth": (req.header(b"authorization") or b"").decode()})
+        await reply.full(status, body.encode(), [(b"content-type", b"application/json")] + headers)
+
+
+async def test_default_rule_caches_models_with_x_cache_and_age() -> None:
+    clock = FakeClock()
+    async with Origin() as origin, running_proxy(origin.url, clock=clock) as proxy:
+        first = await request(proxy.port, b"GET", b"/v1/models", [(b"authorization", b"Bearer a")])
+        assert first.status == 200 and first.body == MODELS_BODY
+        assert first.header(b"x-cache") == b"MISS" and first.header(b"age") is None
+        clock.advance(42)
+        async with await Client.connect(proxy.port) as client:
+            for _ in range(3):  # keep-alive: hits keep the connection usable
+                again = await client.request(b"GET", b"/v1/models", [(b"authorization", b"Bearer a")])
+                assert again.status == 200 and again.body == MODELS_BODY
+                assert again.header(b"x-cache") == b"HIT" and again.header(b"age") == b"42"
+                assert again.header(b"content-type") == b"application/json"
+        assert hits(origin, b"/v1/models") == 1
+        clock.advance(300)  # past the default rule's 300 s
+        stale = await request(proxy.port, b"GET", b"/v1/models", [(b"authorization", b"Bearer a")])
+        assert stale.header(b"x-cache") == b"MISS" and hits(origin, b"/v1/models") == 2
+        assert proxy.cache is not None
+        assert (proxy.cache.stats.hits, proxy.cache.stats.misses, proxy.cache.stats.stores) == (3, 2, 2)
+
+
+async def test_rfc_headers_decide_what_is_stored() -> None:
+    cases = {
+        b"/fresh": ([(b"cache-control", b"max-age=60")], True),
+        b"/expires": ([(b"expires", b"Thu, 01 Jan 2099 00:00:00 GMT")], True),
+        b"/nostore": ([(b"cache-control", b"no-store, max-age=60")], False),
+        b"/private": ([(b"cache-control", b"private, max-age=60")], False),
+        b"/cookie": ([(b"cache-control", b"max-age=60"), (b"set-cookie", b"s=1")], False),
+        b"/varystar": ([(b"cache-control", b"max-age=60"), (b"vary", b"*")], False),
+        b"/plain": ([], False),
+    }
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        for path, (headers, _) in cases.items():
+            add_counting_route(origin, path, headers)
+        for path, (_, stored) in cases.items():
+            a = await request(proxy.port, b"GET", path)
+            b = await request(proxy.port, b"GET", path)
+            assert a.header(b"x-cache") == b"MISS", path
+            assert b.header(b"x-cache") == (b"HIT" if stored else b"MISS"), path
+            assert hits(origin, path) == (1 if stored else 2), path
+            assert a.body == b.body if stored else a.body != b.body
+
+
+async def test_authorization_needs_permission_without_a_rule_and_is_per_caller_with_one() -> None:
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        add_counting_route(origin, b"/auth-plain", [(b"cache-control", b"max-age=60")])
+        add_counting_route(origin, b"/auth-public", [(b"cache-control", b"public, max-age=60")])
+        key = [(b"authorization", b"Bearer k1")]
+        for _ in range(2):
+            await request(proxy.port, b"GET", b"/auth-plain", key)
+            await request(proxy.port, b"GET", b"/auth-public", key)
+        assert hits(origin, b"/auth-plain") == 2  # §3.5: not stored
+        assert hits(origin, b"/auth-public") == 1
+        # Stored -- but keyed by the caller: another key misses.
+        other = await request(proxy.port, b"GET", b"/auth-public", [(b"authorization", b"Bearer k2")])
+        assert other.header(b"x-cache") == b"MISS" and other.json()["auth"] == "Bearer k2"
+
+
+async def test_request_no_cache_refetches_and_no_store_bypasses() -> None:
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        add_counting_route(origin, b"/r", [(b"cache-control", b"max-age=60")])
+        assert (await request(proxy.port, b"GET", b"/r")).json()["n"] == 1
+        assert (await request(proxy.port, b"GET", b"/r")).header(b"x-cache") == b"HIT"
+        refetched = await request(proxy.port, b"GET", b"/r", [(b"cache-control", b"no-cache")])
+        assert refetched.header(b"x-cache") == b"MISS" and refetched.json()["n"] == 2
+        # ... and its response replaced the entry.
+        assert (await request(proxy.port, b"GET", b"/r")).json()["n"] == 2
+        bypass = await request(proxy.port, b"GET", b"/r", [(b"cache-control", b"no-store")])
+        assert bypass.header(b"x-cache") == b"BYPASS" and bypass.json()["n"] == 3
+        ranged = await request(proxy.port, b"GET", b"/r", [(b"range", b"bytes=0-3")])
+        assert ranged.header(b"x-cache") == b"BYPASS"
+        assert (await request(proxy.port, b"GET", b"/r", [(b"pragma", b"no-cache")])).json()["n"] == 5
+        # A client's max-age bounds the age it accepts (§5.2.1.1).
+        assert proxy.cache is not None
+        hits_before = proxy.cache.stats.hits
+        assert (await request(proxy.port, b"GET", b"/r", [(b"cache-control", b"max-age=3600")])).json()["n"] == 5
+        assert proxy.cache.stats.hits == hits_before + 1
+
+
+async def test_vary_selects_the_stored_response() -> None:
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        add_counting_route(origin, b"/v", [(b"cache-control", b"max-age=60"), (b"vary", b"Accept-Language")])
+        en = [(b"accept-language", b"en")]
+        assert (await request(proxy.port, b"GET", b"/v", en)).json()["n"] == 1
+        assert (await request(proxy.port, b"GET", b"/v", en)).header(b"x-cache") == b"HIT"
+        de = await request(proxy.port, b"GET", b"/v", [(b"accept-language", b"de")])
+        assert de.header(b"x-cache") == b"MISS" and de.json()["n"] == 2
+
+
+async def test_head_is_answered_from_the_stored_get() -> None:
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        await request(proxy.port, b"GET", b"/v1/models")
+        async with await Client.connect(proxy.port) as client:
+            head = await client.request(b"HEAD", b"/v1/models")
+            assert head.status == 200 and head.body == b"" and head.header(b"x-cache") == b"HIT"
+            assert head.header(b"content-length") == str(len(MODELS_BODY)).encode()
+            # The connection is still in step: a GET on it works.
+            get = await client.request(b"GET", b"/v1/models")
+            assert get.body == MODELS_BODY
+        assert hits(origin, b"/v1/models") == 1
+
+
+async def test_http10_client_gets_a_hit_through_h11() -> None:
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        await request(proxy.port, b"GET", b"/v1/models")
+        raw = await raw_exchange(proxy.port, b"GET /v1/models HTTP/1.0\r\n\r\n")
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"x-cache: hit" in head.lower() and body == MODELS_BODY
+
+
+async def test_tenant_isolation_under_concurrency() -> None:
+    """10 API keys x identical requests at once: every answer is the caller's own."""
+    tenants = [b"Bearer sk-tenant-%d" % i for i in range(10)]
+    async with Origin() as origin, running_proxy(origin.url, cache_rules=(rule(b"/whoami", ttl=60.0),)) as proxy:
+
+        @origin.route(b"/whoami")
+        async def whoami(req: Received, reply: Reply) -> None:
+            await asyncio.sleep(0.01)  # let the identical requests overlap
+            await reply.full(200, req.header(b"authorization") or b"")
+
+        async def ask(tenant: bytes) -> Tuple[bytes, Response]:
+            return tenant, await request(proxy.port, b"GET", b"/whoami", [(b"authorization", tenant)])
+
+        for _ in range(2):  # the first round fills the cache, the second is served from it
+            results = await asyncio.gather(*(ask(t) for t in tenants for _ in range(10)))
+            cross = [(t, r.body) for t, r in results if r.body != t]
+            assert not cross and all(r.status == 200 for _, r in results)
+        assert hits(origin, b"/whoami") == len(tenants)  # one fetch per tenant, ever
+        assert proxy.cache is not None and proxy.cache.stats.hits == 100
+        assert proxy.coalescer.stats.followers == 90
+
+
+async def test_shared_rule_serves_every_caller_one_entry() -> None:
+    async with Origin() as origin, running_proxy(
+        origin.url, cache_rules=(rule(b"/v1/models", ttl=60.0, shared=True),)
+    ) as proxy:
+        for i in range(5):
+            await request(proxy.port, b"GET", b"/v1/models", [(b"authorization", b"Bearer %d" % i)])
+        assert hits(origin, b"/v1/models") == 1
+
+
+async def test_post_rules_key_on_canonical_json() -> None:
+    rules = (
+        rule(b"/v1/embeddings", [b"POST"], ttl=3600.0),
+        rule(b"/v1/chat/completions", [b"POST"], ttl=60.0, when=(("temperature", 0),), ignore_fields=("user",)),
+    )
+    async with Origin() as origin, running_proxy(origin.url, cache_rules=rules) as proxy:
+        add_counting_route(origin, b"/v1/embeddings", [])
+        add_counting_route(origin, b"/v1/chat/completions", [])
+        one = await request(proxy.port, b"POST", b"/v1/embeddings", body=b'{"model":"e","input":["a","b"]}')
+        two = await request(proxy.port, b"POST", b"/v1/embeddings", body=b'{ "input": ["a", "b"],\n  "model": "e" }')
+        assert one.header(b"x-cache") == b"MISS" and two.header(b"x-cache") == b"HIT" and one.body == two.body
+        other = await request(proxy.port, b"POST", b"/v1/embeddings", body=b'{"model":"e","input":["b","a"]}')
+        assert other.header(b"x-cache") == b"MISS"
+        raw1 = await request(proxy.port, b"POST", b"/v1/embeddings", body=b"not json")
+        raw2 = await request(proxy.port, b"POST", b"/v1/embeddings", body=b"not json")
+        assert (raw1.header(b"x-cache"), raw2.header(b"x-cache")) == (b"MISS", b"HIT")
+        assert hits(origin, b"/v1/embeddings") == 3
+
+        chat0 = b'{"model":"m","temperature":0,"messages":[],"user":"%s"}'
+        assert (await request(proxy.port, b"POST", b"/v1/chat/completions", body=chat0 % b"a")).json()["n"] == 1
+        hit = await request(proxy.port, b"POST", b"/v1/chat/completions", body=chat0 % b"b")
+        assert hit.header(b"x-cache") == b"HIT"  # "user" is ignored in the key
+        warm = b'{"model":"m","temperature":0.7,"messages":[]}'
+        for _ in range(2):  # temperature 0.7: the rule's condition fails, no cache at all
+            resp = await request(proxy.port, b"POST", b"/v1/chat/completions", body=warm)
+            assert resp.header(b"x-cache") is None
+        assert hits(origin, b"/v1/chat/completions") == 3
+        # Other callers, same body: their own entry.
+        theirs = await request(
+            proxy.port, b"POST", b"/v1/embeddings", [(b"x-api-key", b"k2")], b'{"model":"e","input":["a","b"]}'
+        )
+        assert theirs.header(b"x-cache") == b"MISS"
+
+
+async def test_post_body_arriving_in_pieces_is_keyed_whole() -> None:
+    async with Origin() as origin, running_proxy(
+        origin.url, cache_rules=(rule(b"/v1/embeddings", [b"POST"], ttl=60.0),)
+    ) as proxy:
+        add_counting_route(origin, b"/v1/embeddings", [])
+        body = json.dumps({"model": "e", "input": ["x" * 300_000]}).encode()
+        for expected in (b"MISS", b"HIT"):
+            async with await Client.connect(proxy.port) as client:
+                await client.send_request(b"POST", b"/v1/embeddings", [(b"content-length", b"%d" % len(body))], end=False)
+                for start in range(0, len(body), 50_000):
+                    client.writer.write(body[start : start + 50_000])
+                    await client.writer.drain()
+                    await asyncio.sleep(0.002)
+                resp = await client.read_response()
+                assert resp.status == 200 and resp.header(b"x-cache") == expected
+        assert hits(origin, b"/v1/embeddings") == 1
+        assert origin.requests[-1].body == body
+
+
+async def test_stale_while_revalidate_serves_stale_and_refreshes_exactly_once() -> None:
+    clock = FakeClock()
+    gate = asyncio.Event()
+    async with Origin() as origin, running_proxy(
+        origin.url, clock=clock, cache_rules=(rule(b"/swr", ttl=10.0, stale_while_revalidate=60.0),)
+    ) as proxy:
+
+        @origin.route(b"/swr")
+        async def swr(req: Received, reply: Reply) -> None:
+            if hits(origin, b"/swr") > 1:
+                await gate.wait()  # hold the refresh until the stale answers are in
+            await reply.full(200, b"v%d" % hits(origin, b"/swr"))
+
+        assert (await request(proxy.port, b"GET", b"/swr")).body == b"v1"
+        clock.advance(15)
+        stale = await asyncio.gather(*(request(proxy.port, b"GET", b"/swr") for _ in range(20)))
+        assert all(r.body == b"v1" and r.header(b"x-cache") == b"STALE" for r in stale)
+        assert all(r.header(b"age") == b"15" for r in stale)
+        await wait_until(lambda: hits(origin, b"/swr") == 2)
+        gate.set()
+        assert proxy.cache is not None
+        await wait_until(lambda: proxy.cache.stats.stores == 2)  # type: ignore[union-attr]
+        fresh = await request(proxy.port, b"GET", b"/swr")
+        assert fresh.body == b"v2" and fresh.header(b"x-cache") == b"HIT"
+        assert hits(origin, b"/swr") == 2 and proxy.cache.stats.refreshes == 1
+
+
+async def test_stale_if_error_on_5xx_and_on_a_dead_upstream() -> None:
+    clock = FakeClock()
+    async with Origin() as origin:
+        healthy = [True]
+
+        @origin.route(b"/sie")
+        async def sie(req: Received, reply: Reply) -> None:
+            if healthy[0]:
+                await reply.full(200, b"good")
+            else:
+                await reply.full(503, b"down")
+
+        rules = (rule(b"/sie", ttl=10.0, stale_if_error=100.0),)
+        async with running_proxy(origin.url, clock=clock, cache_rules=rules) as proxy:
+            assert (await request(proxy.port, b"GET", b"/sie")).body == b"good"
+            clock.advance(20)
+            healthy[0] = False
+            resp = await request(proxy.port, b"GET", b"/sie")
+            assert (resp.status, resp.body, resp.header(b"x-cache")) == (200, b"good", b"STALE")
+            clock.advance(200)  # beyond stale-if-error: the failure shows
+            resp = await request(proxy.port, b"GET", b"/sie")
+            assert (resp.status, resp.body) == (503, b"down")
+        port = origin.port
+
+    # The same with the upstream gone entirely (connection refused).
+    async with Origin() as origin:
+        healthy[0] = True
+        origin.routes[b"/sie"] = sie
+        async with running_proxy(origin.url, clock=clock, cache_rules=rules) as proxy:
+            assert (await request(proxy.port, b"GET", b"/sie")).body == b"good"
+            port = origin.port
+        dead = f"http://127.0.0.1:{port}"
+    async with running_proxy(dead, clock=clock, cache_rules=rules) as proxy2:
+        resp = await request(proxy2.port, b"GET", b"/sie")
+        assert resp.status == 502  # a fresh proxy has no entry: the honest error
+
+
+async def test_memory_bound_holds_under_a_flood_of_distinct_keys() -> None:
+    async with Origin() as origin, running_proxy(
+        origin.url, cache_max_bytes=64 * 1024, cache_max_entries=50, cache_rules=(rule(b"/flood*", ttl=60.0),)
+    ) as proxy:
+
+        @origin.route(b"/flood")
+        async def flood(req: Received, reply: Reply) -> None:
+            await reply.full(200, b"x" * 2000)
+
+        async with await Client.connect(proxy.port) as client:
+            for i in range(400):
+                resp = await client.request(b"GET", b"/flood?i=%d" % i)
+                assert resp.status == 200 and len(resp.body) == 2000
+                store = proxy.cache.store  # type: ignore[union-attr]
+                assert store.bytes_used <= 64 * 1024 and len(store) <= 50  # type: ignore[union-attr]
+        assert proxy.cache is not None and proxy.cache.stats.evictions >= 350
+        assert len(proxy.coalescer) == 0  # nothing left in flight
+
+
+async def test_objects_over_the_limit_are_relayed_not_stored() -> None:
+    async with Origin() as origin, running_proxy(
+        origin.url, cache_max_object_bytes=10_000, cache_rules=(rule(b"/big", ttl=60.0),)
+    ) as proxy:
+        for size in (50_000, 50_000):
+            resp = await request(proxy.port, b"GET", b"/big?size=%d" % size)
+            assert resp.complete and len(resp.body) == size and resp.header(b"x-cache") == b"MISS"
+        small = [await request(proxy.port, b"GET", b"/big?size=5000") for _ in range(2)]
+        assert [r.header(b"x-cache") for r in small] == [b"MISS", b"HIT"]
+        assert proxy.cache is not None and proxy.cache.stats.too_large == 2
+
+
+def chunk_payloads(raw: bytes) -> List[bytes]:
+    """The chunks of a chunked body, as framed on the wire."""
+    _, _, rest = raw.partition(b"\r\n\r\n")
+    chunks = []
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return chunks
+        chunks.append(rest[:size])
+        rest = rest[size + 2 :]
+
+
+async def test_sse_recorded_and_replayed_with_event_boundaries() -> None:
+    rules = (rule(b"/sse", ttl=60.0, stream=True),)
+    async with Origin() as origin, running_proxy(origin.url, cache_rules=rules) as proxy:
+        request_bytes = b"GET /sse?n=5&interval=0.002 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        live = await raw_exchange(proxy.port, request_bytes)
+        replay = await raw_exchange(proxy.port, request_bytes)
+        assert b"x-cache: miss" in live.lower() and b"x-cache: hit" in replay.lower()
+        events = chunk_payloads(replay)
+        assert len(events) == 6 and all(e.startswith(b"data: ") and e.endswith(b"\n\n") for e in events)
+        assert b"".join(events) == b"".join(chunk_payloads(live))
+        assert hits(origin, b"/sse") == 1
+    # Without stream = true an event stream is never stored.
+    async with Origin() as origin, running_proxy(origin.url, cache_rules=(rule(b"/sse", ttl=60.0),)) as proxy:
+        for _ in range(2):
+            assert b"x-cache: miss" in (await raw_exchange(proxy.port, request_bytes)).lower()
+        assert hits(origin, b"/sse") == 2
+
+
+async def test_purge_by_path_prefix_and_all() -> None:
+    async with Origin() as origin, running_proxy(origin.url, cache_rules=(rule(b"/p/*", ttl=60.0),)) as proxy:
+        for path in (b"/p/a", b"/p/b"):
+            add_counting_route(origin, path, [])
+        for target in (b"/p/a", b"/p/a?q=1", b"/p/b"):
+            await request(proxy.port, b"GET", target)
+        cache = proxy.cache
+        assert cache is not None
+        assert await cache.purge(path=b"/p/a") == 2
+        assert (await request(proxy.port, b"GET", b"/p/a")).header(b"x-cache") == b"MISS"
+        assert (await request(proxy.port, b"GET", b"/p/b")).header(b"x-cache") == b"HIT"
+        assert await cache.purge(prefix=b"/p/") == 2
+        assert await cache.purge() == 0
+
+
+async def test_no_cache_option_turns_the_layer_off() -> None:
+    async with Origin() as origin, running_proxy(origin.url, cache_enabled=False) as proxy:
+        for _ in range(2):
+            resp = await request(proxy.port, b"GET", b"/v1/models")
+            assert resp.header(b"x-cache") is None
+        assert hits(origin, b"/v1/models") == 2 and proxy.cache is None

@@ -1,0 +1,200 @@
+"""Keys (canonical JSON, caller identity), rules from TOML, and the bounded memory store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pyproxy.cache.entry import CachedResponse
+from pyproxy.cache.key import (
+    ANONYMOUS,
+    IDENTITY_HEADERS,
+    SHARED,
+    body_digest,
+    body_matches,
+    caller_identity,
+    identity_for,
+    parse_json_body,
+    request_key,
+)
+from pyproxy.cache.store import CacheStats, MemoryStore, key_path
+from pyproxy.config import ConfigError, build_settings
+from pyproxy.rules import DEFAULT_CACHE_RULES, Rule
+
+EMBED = Rule(methods=frozenset({b"POST"}), path=b"/v1/embeddings", prefix=False, name="e", ttl=60)
+
+
+def digest(body: bytes, rule: Rule = EMBED) -> bytes:
+    return body_digest(body, rule, parse_json_body(body))
+
+
+def test_canonical_json_same_request_written_two_ways_is_one_key() -> None:
+    a = b'{"model": "m", "input": ["x", "y"], "opts": {"b": 1, "a": 2.5}}'
+    b = b'{"opts":{"a":2.5,"b":1},\n "input":["x","y"],"model":"m"}'
+    assert digest(a) == digest(b)
+    assert digest(a) != digest(b'{"model": "m", "input": ["y", "x"], "opts": {"b": 1, "a": 2.5}}')
+    # Not JSON: keyed by the exact bytes.
+    assert digest(b"not json") == digest(b"not json") != digest(b"not json ")
+    assert digest(b"not json").startswith(b"raw-") and digest(a).startswith(b"json-")
+    # Integers beyond 64 bits are valid JSON (orjson refuses them; the fallback parses them).
+    assert digest(b'{"n": 123456789012345678901234567890}').startswith(b"json-")
+
+
+def test_ignore_fields_and_when_conditions() -> None:
+    rule = Rule(
+        methods=frozenset({b"POST"}),
+        path=b"/v1/chat/completions",
+        prefix=False,
+        name="c",
+        ttl=60,
+        ignore_fields=("user",),
+        when=(("temperature", 0),),
+    )
+    a = b'{"model": "m", "temperature": 0, "user": "alice"}'
+    b = b'{"model": "m", "temperature": 0.0, "user": "bob"}'
+    assert digest(a, rule) == digest(b, rule)
+    assert body_matches(rule, parse_json_body(a)) and body_matches(rule, parse_json_body(b))
+    assert not body_matches(rule, parse_json_body(b'{"model": "m", "temperature": 0.7}'))
+    assert not body_matches(rule, parse_json_body(b'{"model": "m"}'))
+    assert not body_matches(rule, parse_json_body(b'{"model": "m", "temperature": false}'))
+    assert not body_matches(rule, parse_json_body(b"[0]"))
+    assert not body_matches(rule, parse_json_body(b"temperature=0"))
+
+
+def test_caller_identity_separates_credentials() -> None:
+    names = IDENTITY_HEADERS
+    keys = {caller_identity([(b"authorization", b"Bearer sk-%d" % i)], names) for i in range(100)}
+    assert len(keys) == 100
+    assert caller_identity([], names) == ANONYMOUS
+    assert caller_identity([(b"accept", b"*/*")], names) == ANONYMOUS
+    # The same value in different headers is a different caller.
+    assert caller_identity([(b"x-api-key", b"k")], names) != caller_identity([(b"api-key", b"k")], names)
+    # Configured headers count too; the secret never appears in the key.
+    tenant = caller_identity([(b"x-tenant", b"acme")], names + (b"x-tenant",))
+    assert tenant != ANONYMOUS and b"acme" not in tenant
+    shared = Rule(methods=frozenset({b"GET"}), path=b"/", prefix=True, name="", ttl=1, shared=True)
+    assert identity_for([(b"authorization", b"Bearer sk-1")], shared, names) == SHARED
+
+
+def test_key_starts_with_the_target_and_is_bounded() -> None:
+    key = request_key(b"/v1/models?x=1", b"GET", b"abc")
+    assert key.startswith(b"/v1/models?x=1\x00GET\x00")
+    assert key_path(key) == b"/v1/models"
+    long_key = request_key(b"/" + b"a" * 100_000, b"GET", b"abc")
+    assert len(long_key) < 2200
+    assert long_key != request_key(b"/" + b"a" * 99_999 + b"b", b"GET", b"abc")
+
+
+def test_rules_from_toml(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        """
+upstream = "http://127.0.0.1:1"
+[cache]
+backend = "memory"
+max_bytes = 1048576
+[[cache.rules]]
+methods = ["GET"]
+path = "/v1/models"
+ttl = 300
+stale_while_revalidate = 60
+[[cache.rules]]
+methods = ["POST"]
+path = "/v1/*"
+ttl = 3600
+ignore_fields = ["user"]
+when = { temperature = 0 }
+[dedup]
+replay_bytes = 4096
+[[dedup.rules]]
+methods = ["POST"]
+path = "/v1/chat/completions"
+"""
+    )
+    s = build_settings({"config": str(config)}, {})
+    assert s.cache_max_bytes == 1048576 and s.dedup_replay_bytes == 4096
+    models, v1 = s.cache_rules
+    assert models.stale_while_revalidate == 60 and models.matches(b"GET", b"/v1/models")
+    assert v1.prefix and v1.matches(b"POST", b"/v1/embeddings") and not v1.matches(b"GET", b"/v1/embeddings")
+    assert v1.when == (("temperature", 0),) and v1.ignore_fields == ("user",)
+    assert s.dedup_rules[0].matches(b"POST", b"/v1/chat/completions")
+    # Without [[cache.rules]]: the one default rule.
+    assert build_settings({"upstream": "http://x"}, {}).cache_rules == DEFAULT_CACHE_RULES
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ("[[cache.rules]]\npath = '/x'\n", "cache.rules[0]: ttl must be given"),
+        ("[[cache.rules]]\npath = 'x'\nttl = 1\n", "path must be a string starting with '/'"),
+        ("[[cache.rules]]\npath = '/x'\nttl = 1\ntll = 2\n", "unknown key 'tll'"),
+        ("[[cache.rules]]\npath = '/x'\nttl = -1\n", "ttl must be a number of seconds"),
+        ("[[cache.rules]]\npath = '/x*/y'\nttl = 1\n", "may only end in '*'"),
+        ("[[dedup.rules]]\npath = '/x'\nttl = 1\n", "dedup.rules[0]: unknown key 'ttl'"),
+        ("[cache]\nbackend = 'memcached'\n", "expected 'memory' or a redis:// URL"),
+        ("[cache]\nmax_bytez = 1\n", "unknown setting 'cache.max_bytez'"),
+    ],
+)
+def test_bad_rules_are_one_line_errors(tmp_path: Path, toml: str, message: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('upstream = "http://127.0.0.1:1"\n' + toml)
+    with pytest.raises(ConfigError) as info:
+        build_settings({"config": str(config)}, {})
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def entry(body_size: int) -> CachedResponse:
+    return CachedResponse(
+        200,
+        b"OK",
+        [],
+        b"x" * body_size,
+        stream=False,
+        stored_at=0.0,
+        lifetime=1e9,
+        initial_age=0.0,
+        stale_while_revalidate=0.0,
+        stale_if_error=0.0,
+        vary_names=(),
+        vary_values=(),
+    )
+
+
+def test_memory_store_holds_its_byte_and_entry_bounds_under_a_flood() -> None:
+    stats = CacheStats()
+    store = MemoryStore(max_bytes=200_000, max_entries=300, stats=stats, clock=lambda: 1.0)
+    for i in range(20_000):
+        store.put(b"/k%d\x00GET\x00-\x00" % i, entry(i % 2000))
+        assert store.bytes_used <= 200_000 and len(store) <= 300
+    assert stats.evictions > 19_000 and stats.bytes_stored == store.bytes_used
+    # LRU: the most recent survive, a touched old one outlives its neighbours.
+    assert store.get_now(b"/k19999\x00GET\x00-\x00") is not None
+    assert store.get_now(b"/k0\x00GET\x00-\x00") is None
+    # Larger than the whole bound: refused and counted.
+    assert not store.put(b"/huge", entry(300_000)) and stats.too_large == 1
+
+
+def test_memory_store_lru_order_and_expiry() -> None:
+    now = [0.0]
+    store = MemoryStore(max_bytes=10_000, max_entries=3, stats=CacheStats(), clock=lambda: now[0])
+    for name in (b"/a", b"/b", b"/c"):
+        store.put(name, entry(10))
+    assert store.get_now(b"/a") is not None  # /a becomes the most recent
+    store.put(b"/d", entry(10))  # evicts /b, the least recent
+    assert store.get_now(b"/b") is None and store.get_now(b"/a") is not None
+    short = entry(10)
+    short.lifetime = 5.0
+    store.put(b"/e", short)
+    now[0] = 6.0
+    assert store.get_now(b"/e") is None and len(store) == 2  # dropped when found expired
+
+
+async def test_memory_store_purge() -> None:
+    store = MemoryStore(max_bytes=1 << 20, max_entries=100, stats=CacheStats(), clock=lambda: 0.0)
+    for key in (b"/v1/models", b"/v1/models?x=1", b"/v1/modelsX", b"/v2/a", b"/v2/b"):
+        store.put(request_key(key, b"GET", b"-"), entry(1))
+    assert await store.purge(path=b"/v1/models") == 2
+    assert await store.purge(prefix=b"/v2/") == 2
+    assert len(store) == 1
+    assert await store.purge() == 1 and len(store) == 0
