@@ -1,0 +1,124 @@
+"""The Redis backend against a real redis-server started by the test on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import List
+
+from tests.support.client import request, running_proxy
+from tests.support.origin import MODELS_BODY, Origin
+from tests.support.redis_server import RedisServer, free_port
+
+MODELS = b"/v1/models"
+AUTH = [(b"authorization", b"Bearer sk-shared-test")]
+
+
+def models_hits(origin: Origin) -> int:
+    return sum(1 for r in origin.requests if r.target == MODELS)
+
+
+async def redis_keys(server: RedisServer) -> int:
+    reply = await server.command(b"DBSIZE")
+    return int(reply[1:])
+
+
+async def test_two_proxies_share_one_cache() -> None:
+    async with RedisServer() as server, Origin() as origin:
+        async with running_proxy(origin.url, cache_backend=server.url) as a, running_proxy(
+            origin.url, cache_backend=server.url
+        ) as b:
+            first = await request(a.port, b"GET", MODELS, AUTH)
+            assert first.header(b"x-cache") == b"MISS" and first.body == MODELS_BODY
+            # The write to Redis is fire-and-forget: wait for it to land.
+            await wait_until_async(lambda: redis_keys(server), 1)
+            second = await request(b.port, b"GET", MODELS, AUTH)
+            assert second.header(b"x-cache") == b"HIT" and second.body == MODELS_BODY
+            assert second.header(b"age") is not None
+            # Another caller is another entry, in Redis as in memory.
+            other = await request(b.port, b"GET", MODELS, [(b"authorization", b"Bearer sk-other")])
+            assert other.header(b"x-cache") == b"MISS"
+            assert models_hits(origin) == 2
+            # Purge through one proxy empties the cache for both.
+            await wait_until_async(lambda: redis_keys(server), 2)
+            assert a.cache is not None and await a.cache.purge(path=MODELS) == 2
+            assert (await request(b.port, b"GET", MODELS, AUTH)).header(b"x-cache") == b"MISS"
+
+
+async def test_redis_killed_and_restarted_mid_test() -> None:
+    server = RedisServer()
+    await server.start()
+    try:
+        async with Origin() as origin, running_proxy(
+            origin.url, cache_backend=server.url, cache_redis_timeout=0.2
+        ) as proxy:
+            assert proxy.cache is not None
+            stats = proxy.cache.stats
+            await request(proxy.port, b"GET", MODELS, AUTH)
+            await wait_until_async(lambda: redis_keys(server), 1)
+            assert (await request(proxy.port, b"GET", MODELS, AUTH)).header(b"x-cache") == b"HIT"
+
+            server.kill()
+            # Every request still succeeds, as a miss, and promptly.
+            durations: List[float] = []
+            for _ in range(20):
+                started = time.monotonic()
+                resp = await request(proxy.port, b"GET", MODELS, AUTH)
+                durations.append(time.monotonic() - started)
+                assert resp.status == 200 and resp.body == MODELS_BODY
+                assert resp.header(b"x-cache") == b"MISS"
+            assert stats.errors >= 1
+            # The circuit is open after the first error: requests do not wait on
+            # Redis at all (the bound holds with a wide margin on a loaded machine).
+            assert sorted(durations)[len(durations) // 2] < 0.5, durations
+
+            await server.start()  # the same port
+            # It recovers by itself: a miss stores again, then a hit.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while (await request(proxy.port, b"GET", MODELS, AUTH)).header(b"x-cache") != b"HIT":
+                assert loop.time() < deadline, "the cache did not recover after Redis came back"
+                await asyncio.sleep(0.05)
+    finally:
+        server.kill()
+
+
+async def test_redis_that_never_answers_costs_one_timeout_then_nothing() -> None:
+    """A black hole: accepts connections, never replies."""
+    held: List[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        while await reader.read(65536):
+            pass
+
+    hole = await asyncio.start_server(swallow, "127.0.0.1", free_port())
+    port = hole.sockets[0].getsockname()[1]
+    try:
+        async with Origin() as origin, running_proxy(
+            origin.url, cache_backend=f"redis://127.0.0.1:{port}/0", cache_redis_timeout=0.2
+        ) as proxy:
+            started = time.monotonic()
+            resp = await request(proxy.port, b"GET", MODELS, AUTH)
+            first = time.monotonic() - started
+            assert resp.status == 200 and resp.header(b"x-cache") == b"MISS"
+            assert first < 3.0  # one 0.2 s deadline, with a wide margin for a loaded machine
+            assert proxy.cache is not None and proxy.cache.stats.errors >= 1
+            for _ in range(5):
+                assert (await request(proxy.port, b"GET", MODELS, AUTH)).status == 200
+    finally:
+        for writer in held:
+            writer.close()
+        hole.close()
+        await hole.wait_closed()
+
+
+async def wait_until_async(probe, expected: int, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while await probe() < expected:
+        if loop.time() > deadline:
+            raise AssertionError(f"redis did not reach {expected} keys within {timeout} s")
+        await asyncio.sleep(0.01)
+
+
