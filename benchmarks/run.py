@@ -237,6 +237,8 @@ def wrk(url: str, connections: int, duration: float, script: Optional[Path] = No
         elif re.match(r"^(50|99)%", line):
             pct, value = line.split()
             result["p" + pct.rstrip("%")] = _seconds(value)
+        elif re.match(r"^\d+ requests in ", line):
+            result["requests"] = float(line.split()[0])
         elif line.startswith("Non-2xx"):
             result["non2xx"] = float(line.split()[-1])
         elif line.startswith("Socket errors"):
@@ -389,11 +391,18 @@ def machine() -> Dict[str, str]:
 
 
 TARGETS = ["direct", "pyproxy-pypy", "pyproxy-cpython", "nginx", "aiohttp", "fastapi"]
-SCENARIOS = ["get64", "post64", "get1", "big", "sse", "idle"]
+SCENARIOS = ["get64", "post64", "get1", "big", "sse", "idle", "hit64", "miss64", "dedup"]
+# The relay scenarios measure pyproxy as a relay, like the peers: no cache, no
+# coalescing. The cache and dedup scenarios start instances with the layers on.
+RELAY_ONLY = ["--no-cache", "--no-dedup"]
 
 
-def start_target(name: str, workdir: Path, origin_port: int, sse_port: int, pypy: str) -> Service:
-    """``name`` relaying to the origin on ``origin_port`` (nginx also routes /sse to ``sse_port``)."""
+def start_target(
+    name: str, workdir: Path, origin_port: int, sse_port: int, pypy: str, layers: Optional[List[str]] = None
+) -> Service:
+    """``name`` relaying to the origin on ``origin_port`` (nginx also routes /sse to ``sse_port``).
+    ``layers``: pyproxy's cache/dedup options (default: both off)."""
+    layers = RELAY_ONLY if layers is None else layers
     port = free_port()
     origin = f"http://127.0.0.1:{origin_port}"
     # Every proxy may hold 1000 upstream connections, so 500 SSE streams are
@@ -411,10 +420,11 @@ def start_target(name: str, workdir: Path, origin_port: int, sse_port: int, pypy
             "--log-level",
             "warning",
             *pool,
+            *layers,
         ]
     elif name == "pyproxy-cpython":
         argv = [sys.executable, "-m", "pyproxy", "--upstream", origin, "--listen", f"127.0.0.1:{port}",
-                "--log-level", "warning", "--loop", "uvloop", *pool]  # fmt: skip
+                "--log-level", "warning", "--loop", "uvloop", *pool, *layers]  # fmt: skip
     elif name == "nginx":
         argv = ["nginx", "-c", str(nginx_proxy_conf(workdir, port, origin_port, sse_port))]
     elif name == "aiohttp":
@@ -485,6 +495,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 if "idle" in args.scenarios:
                     count = 1000 if (args.quick or slow) else args.idle_connections
                     row["idle"] = idle_scenario(service.port, service.pid, count)
+                if name.startswith("pyproxy-") and "hit64" in args.scenarios:
+                    row["hit64"] = hit_scenario(name, workdir, origin_port, sse_port, args.pypy, duration)
+                if name.startswith("pyproxy-") and "miss64" in args.scenarios:
+                    row["miss64"] = miss_scenario(name, workdir, origin_port, sse_port, args.pypy, duration)
+                if name.startswith("pyproxy-") and "dedup" in args.scenarios:
+                    row["dedup"] = dedup_scenario(name, workdir, sse_port, args.pypy, duration)
             finally:
                 if service is not origin:
                     service.stop()
@@ -495,6 +511,69 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         sse_origin.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return results
+
+
+def hit_scenario(name: str, workdir: Path, origin_port: int, sse_port: int, pypy: str, duration: float) -> Dict[str, float]:
+    """Cache hits: the default rule caches GET /v1/models; every request after the first is a hit."""
+    service = start_target(name, workdir, origin_port, sse_port, pypy, layers=[])
+    try:
+        url = f"http://127.0.0.1:{service.port}/v1/models"
+        if name == "pyproxy-pypy":
+            wrk(url, 64, 10.0)  # the JIT warms on the hit path too
+        return wrk(url, 64, duration)
+    finally:
+        service.stop()
+
+
+def miss_scenario(name: str, workdir: Path, origin_port: int, sse_port: int, pypy: str, duration: float) -> Dict[str, float]:
+    """What the layers cost when they never help: every request a distinct /v1/models?i=N,
+    so each is a cache miss that is then stored, and none can be coalesced. The same
+    load against a relay-only instance is the reference."""
+    script = workdir / "distinct.lua"
+    # Random, not counted: a counter restarts with each wrk run and would hit what the warm-up stored.
+    script.write_text("math.randomseed(os.time())\nrequest = function()\n"
+                      '  return wrk.format(nil, "/v1/models?i=" .. math.random(1, 2000000000))\nend\n')  # fmt: skip
+    out: Dict[str, float] = {}
+    for label, layers in (("layers", []), ("relay", RELAY_ONLY)):
+        service = start_target(name, workdir, origin_port, sse_port, pypy, layers=layers)
+        try:
+            url = f"http://127.0.0.1:{service.port}/"
+            if name == "pyproxy-pypy":
+                wrk(url, 64, 8.0, script)
+            result = wrk(url, 64, duration, script)
+            out[f"{label}_rps"] = result["rps"]
+            out[f"{label}_p99"] = result["p99"]
+        finally:
+            service.stop()
+    return out
+
+
+def dedup_scenario(name: str, workdir: Path, slow_port: int, pypy: str, duration: float) -> Dict[str, float]:
+    """64 connections repeating one slow (50 ms) request, cache off: coalescing on vs off."""
+    out: Dict[str, float] = {}
+    for label, layers in (("on", ["--no-cache"]), ("off", RELAY_ONLY)):
+        service = start_target(name, workdir, slow_port, slow_port, pypy, layers=layers)
+        try:
+            url = f"http://127.0.0.1:{service.port}/slow?ms=50"
+            before = _slow_count(slow_port)
+            result = wrk(url, 64, duration)
+            upstream = _slow_count(slow_port) - before
+            out[f"{label}_rps"] = result["rps"]
+            out[f"{label}_p99"] = result["p99"]
+            out[f"{label}_upstream_requests"] = upstream
+            out[f"{label}_responses"] = result["requests"]
+        finally:
+            service.stop()
+    return out
+
+
+def _slow_count(port: int) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /count HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data or not data.split(b"\r\n\r\n", 1)[1]:
+            data += sock.recv(4096)
+    return int(data.split(b"\r\n\r\n", 1)[1])
 
 
 def ratio(value: Optional[float], reference: Optional[float]) -> str:
@@ -585,6 +664,42 @@ def render(results: Dict[str, Any]) -> str:
                 failed = get(n, "idle", "failed") or 0
                 note = f" ({failed:.0f} failed to get an answer)" if failed else ""
                 lines.append(f"| {n} | {get(n, 'idle', 'connections'):.0f}{note} | {value / 1024:.1f} KiB |")
+        lines.append("")
+    if any(get(n, "hit64", "rps") for n in names):
+        lines += ["## Cache hits: `GET /v1/models` (the default rule), 64 connections", "",
+                  "| target | req/s | p50 | p99 | vs nginx relaying it |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for n in names:
+            value = get(n, "hit64", "rps")
+            if value is not None:
+                lines.append(
+                    f"| {n} | {value:,.0f} | {(get(n, 'hit64', 'p50') or 0) * 1e3:.2f} ms | "
+                    f"{(get(n, 'hit64', 'p99') or 0) * 1e3:.2f} ms | {ratio(value, get('nginx', 'get64', 'rps'))} |"
+                )
+        lines.append("")
+    if any(get(n, "miss64", "layers_rps") for n in names):
+        lines += ["## What the layers cost on misses: distinct `/v1/models?i=N`, 64 connections", "",
+                  "Every request misses and its response is stored; nothing can be coalesced.", "",
+                  "| target | layers on | relay only | ratio |", "| --- | --- | --- | --- |"]  # fmt: skip
+        for n in names:
+            on, off = get(n, "miss64", "layers_rps"), get(n, "miss64", "relay_rps")
+            if on is not None and off is not None:
+                lines.append(f"| {n} | {on:,.0f} req/s | {off:,.0f} req/s | {ratio(on, off)} |")
+        lines.append("")
+    if any(get(n, "dedup", "on_rps") for n in names):
+        lines += ["## Coalescing: 64 connections repeating one 50 ms request, cache off", "",
+                  "| target | dedup | req/s | p99 | upstream requests | responses per upstream request |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for n in names:
+            for label in ("on", "off"):
+                rps = get(n, "dedup", f"{label}_rps")
+                if rps is None:
+                    continue
+                upstream = get(n, "dedup", f"{label}_upstream_requests") or 0
+                responses = get(n, "dedup", f"{label}_responses") or 0
+                lines.append(
+                    f"| {n} | {label} | {rps:,.0f} | {(get(n, 'dedup', f'{label}_p99') or 0) * 1e3:.1f} ms | "
+                    f"{upstream:,.0f} | {responses / upstream if upstream else 0:.1f} |"
+                )
         lines.append("")
     lines += targets_table(results)
     warm = t.get("pyproxy-pypy", {}).get("warmup", {})
@@ -678,6 +793,12 @@ def targets_table(results: Dict[str, Any]) -> List[str]:
             "{:.1f} KiB",
             higher=False,
         )
+    check(
+        "PyPy cache hits ≥ 1.0 × nginx relay",
+        r(get("pyproxy-pypy", "hit64", "rps"), get("nginx", "get64", "rps")),
+        1.0,
+        "{:.2f}×",
+    )
     if not rows:
         return []
     out = ["## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]

@@ -2,7 +2,9 @@
 
 ``GET /sse?n=N&interval=S`` answers ``text/event-stream``, chunked; each event
 carries the CLOCK_MONOTONIC time it was written, so a client on the same
-machine measures each event's delay through a proxy. Runs on any interpreter.
+machine measures each event's delay through a proxy. ``GET /slow?ms=M``
+answers a small JSON body after M milliseconds (the dedup scenario), and
+``GET /count`` how many /slow requests arrived so far. Runs on any interpreter.
 Usage: python benchmarks/sse_origin.py PORT
 """
 
@@ -14,12 +16,29 @@ import time
 from urllib.parse import parse_qs, urlsplit
 
 
+SLOW_BODY = b'{"object":"list","data":[{"id":"gpt-bench","object":"model"}]}'
+slow_requests = 0
+
+
+def small_response(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+
 async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    global slow_requests
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             target = head.split(b" ", 2)[1].decode()
             query = parse_qs(urlsplit(target).query)
+            if target.startswith("/slow"):
+                slow_requests += 1
+                await asyncio.sleep(float(query.get("ms", ["50"])[0]) / 1000)
+                writer.write(small_response(SLOW_BODY))
+                continue
+            if target.startswith("/count"):
+                writer.write(small_response(b"%d" % slow_requests))
+                continue
             count = int(query.get("n", ["10"])[0])
             interval = float(query.get("interval", ["0.1"])[0])
             writer.write(

@@ -230,15 +230,18 @@ class Fetch:
             self.recording = None
             self.coalescer.remove(self)
             return
-        if any(n == b"x-cache" for n, _ in headers):  # ours replaces the upstream's
-            headers = [(n, v) for n, v in headers if n != b"x-cache"]
+        for name, _ in headers:
+            if name == b"x-cache":  # ours replaces the upstream's
+                headers = [(n, v) for n, v in headers if n != b"x-cache"]
+                break
         self._status, self._reason, self._headers = status, reason, headers
         recording = self.recording
         if recording is not None and not recording.begin(status, reason, headers):
             self.recording = None
         declared = int(headers[-1][1]) if headers and headers[-1][0] == b"content-length" else 0
         self._outgrown(declared)
-        if self.subscribers:
+        leader_headers = self._leader_headers
+        if any(sub.request_headers is not leader_headers for sub in self.subscribers):
             self._check_vary(headers)
         for sub in self.subscribers:
             sub.client.start_response(status, reason, self._headers_for(sub))

@@ -9,7 +9,7 @@ body is in, because its key and the rules' ``when`` conditions depend on it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, FrozenSet, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, FrozenSet, Optional, Sequence, Tuple
 
 from pyproxy.cache import policy
 from pyproxy.cache.key import (
@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 Header = Tuple[bytes, bytes]
 
 _SAFE = frozenset({b"GET", b"HEAD"})
+ROUTE_MEMO_SIZE = 4096
 
 
 class Plan:
@@ -119,6 +120,21 @@ class Router:
         for rule in self.cache_rules + self.dedup_rules:
             methods |= rule.methods
         self.methods: FrozenSet[bytes] = frozenset(methods)
+        self._routes: Dict[Tuple[bytes, bytes], Tuple[bytes, Optional[Rule], Optional[Rule]]] = {}
+
+    def _route(self, method: bytes, raw_target: bytes) -> Tuple[bytes, Optional[Rule], Optional[Rule]]:
+        """The origin-form target and the matching rules, remembered per (method, target):
+        clients repeat the same few targets, and this is per-request work otherwise."""
+        target = to_origin_form(raw_target)
+        path = request_path(target)
+        lookup_method = b"GET" if method == b"HEAD" else method
+        cache_rule = find_rule(self.cache_rules, lookup_method, path) if self.cache_rules else None
+        dedup_rule = find_rule(self.dedup_rules, method, path) if self.dedup_rules else None
+        route = (target, cache_rule, dedup_rule)
+        if len(self._routes) >= ROUTE_MEMO_SIZE:
+            self._routes.clear()  # bounded: a flood of distinct targets only costs the lookups
+        self._routes[(method, raw_target)] = route
+        return route
 
     @property
     def active(self) -> bool:
@@ -128,11 +144,10 @@ class Router:
         method = request.method
         if method not in self.methods:
             return None
-        target = to_origin_form(request.target)
-        path = request_path(target)
-        lookup_method = b"GET" if method == b"HEAD" else method
-        cache_rule = find_rule(self.cache_rules, lookup_method, path) if self.cache_rules else None
-        dedup_rule = find_rule(self.dedup_rules, method, path) if self.dedup_rules else None
+        route = self._routes.get((method, request.target))
+        if route is None:
+            route = self._route(method, request.target)
+        target, cache_rule, dedup_rule = route
         safe = method in _SAFE
         if safe and has_body:
             return None  # a GET with a body is not a plain fetch: never shared or stored

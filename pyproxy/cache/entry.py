@@ -53,7 +53,8 @@ class CachedResponse:
         "stale_if_error",
         "vary_names",
         "vary_values",
-        "head",
+        "_head",
+        "_framing",
         "wire",
         "size",
     )
@@ -96,9 +97,10 @@ class CachedResponse:
         else:
             framing = (b"content-length", b"%d" % len(body))
             self.wire = body
-        # Without the last CRLF and the blank line: X-Cache, Age (and Connection) follow per response.
-        self.head = serialize_response_head(status, reason, headers + [framing])[:-4]
-        self.size = len(self.head) + len(self.wire) + len(body) * stream + ENTRY_OVERHEAD
+        self._framing = framing
+        self._head: Optional[bytes] = None  # serialized on the first hit: many entries never get one
+        head_size = 16 + len(reason) + sum(len(n) + len(v) + 4 for n, v in headers) + 40
+        self.size = head_size + len(self.wire) + len(body) * stream + ENTRY_OVERHEAD
 
     # --- age and state (RFC 9111 §4.2.3, §4.2; RFC 5861) --------------------------------
 
@@ -130,8 +132,12 @@ class CachedResponse:
     # --- writing -----------------------------------------------------------------------
 
     def response_head(self, cache_status: bytes, age: int, close: bool) -> bytes:
+        head = self._head
+        if head is None:
+            # Without the last CRLF and the blank line: X-Cache, Age (and Connection) follow.
+            head = self._head = serialize_response_head(self.status, self.reason, self.headers + [self._framing])[:-4]
         tail = b"\r\nconnection: close\r\n\r\n" if close else b"\r\n\r\n"
-        return b"%s\r\nx-cache: %s\r\nage: %d%s" % (self.head, cache_status, age, tail)
+        return b"%s\r\nx-cache: %s\r\nage: %d%s" % (head, cache_status, age, tail)
 
     def client_headers(self, cache_status: bytes, age: int) -> List[Header]:
         """For an h11-mode client: the headers, framing last as start_response expects."""

@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, CachedResponse, strip_framing
-from pyproxy.cache.policy import Freshness, decide_storage, is_event_stream, request_max_age, vary_values
+from pyproxy.cache.policy import Freshness, decide_storage, request_max_age, vary_values
 from pyproxy.cache.store import NEED_AWAIT, CacheStats, MemoryStore
 from pyproxy.rules import Rule
 
@@ -67,7 +67,7 @@ class Recording:
         if freshness is None:
             log.debug("not storing: %s", why)
             return False
-        self._entry_args = (status, reason, strip_framing(headers), freshness, is_event_stream(headers))
+        self._entry_args = (status, reason, strip_framing(headers), freshness, freshness.stream)
         return True
 
     def too_large(self) -> None:

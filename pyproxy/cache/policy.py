@@ -9,6 +9,7 @@ requests: where the RFC requires validation, pyproxy fetches anew.
 
 from __future__ import annotations
 
+import calendar
 from email.utils import parsedate_to_datetime
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -74,8 +75,23 @@ def delta_seconds(value: Optional[bytes]) -> Optional[int]:
     return min(int(value), _DELTA_MAX)
 
 
+_MONTHS = {m: i + 1 for i, m in enumerate(b"Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split())}
+
+
 def parse_http_date(value: bytes) -> Optional[float]:
     """RFC 9110 §5.6.7 (IMF-fixdate, and the obsolete RFC 850 / asctime forms) to epoch seconds."""
+    # IMF-fixdate, what nearly every server sends: "Sun, 06 Nov 1994 08:49:37 GMT".
+    if len(value) == 29 and value[3:5] == b", " and value[25:] == b" GMT":
+        month = _MONTHS.get(value[8:11])
+        try:
+            if month is not None:
+                return float(
+                    calendar.timegm(
+                        (int(value[12:16]), month, int(value[5:7]), int(value[17:19]), int(value[20:22]), int(value[23:25]))
+                    )
+                )
+        except ValueError:
+            pass
     try:
         parsed = parsedate_to_datetime(value.decode("latin-1"))
     except (TypeError, ValueError, IndexError, OverflowError):
@@ -127,7 +143,7 @@ def request_max_age(headers: Sequence[Header]) -> Optional[int]:
 class Freshness:
     """What storing a response was decided with (§4.2): its lifetime and stale windows."""
 
-    __slots__ = ("lifetime", "initial_age", "stale_while_revalidate", "stale_if_error", "vary")
+    __slots__ = ("lifetime", "initial_age", "stale_while_revalidate", "stale_if_error", "vary", "stream")
 
     def __init__(
         self,
@@ -136,7 +152,9 @@ class Freshness:
         stale_while_revalidate: float,
         stale_if_error: float,
         vary: Tuple[bytes, ...],
+        stream: bool = False,
     ) -> None:
+        self.stream = stream  # an event stream (stored only where a rule allows it)
         self.lifetime = lifetime
         self.initial_age = initial_age
         self.stale_while_revalidate = stale_while_revalidate
@@ -167,6 +185,43 @@ def vary_values(request_headers: Sequence[Header], names: Tuple[bytes, ...]) -> 
     return tuple(values)
 
 
+class _ResponseFields:
+    """The fields storage decisions read, gathered in one pass over the response head."""
+
+    __slots__ = ("cache_control", "expires", "date", "age", "vary", "set_cookie", "content_type")
+
+    def __init__(self, headers: Sequence[Header]) -> None:
+        self.cache_control: List[bytes] = []
+        self.vary: List[bytes] = []
+        self.expires: Optional[bytes] = None
+        self.date: Optional[bytes] = None
+        self.age: Optional[bytes] = None
+        self.set_cookie = False
+        self.content_type: Optional[bytes] = None
+        for name, value in headers:
+            if name in _INTERESTING:
+                if name == b"cache-control":
+                    self.cache_control.append(value)
+                elif name == b"vary":
+                    self.vary.append(value)
+                elif name == b"set-cookie":
+                    self.set_cookie = True
+                elif name == b"expires":
+                    if self.expires is None:
+                        self.expires = value
+                elif name == b"date":
+                    if self.date is None:
+                        self.date = value
+                elif name == b"age":
+                    if self.age is None:
+                        self.age = value
+                elif self.content_type is None:
+                    self.content_type = value
+
+
+_INTERESTING = frozenset({b"cache-control", b"vary", b"set-cookie", b"expires", b"date", b"age", b"content-type"})
+
+
 def decide_storage(
     *,
     method: bytes,
@@ -189,10 +244,13 @@ def decide_storage(
         return None, "method not cacheable"  # §3: understood and cacheable methods only
     if status not in _STORABLE_STATUSES:
         return None, f"status {status} not stored"
-    request_cc = parse_cache_control(field_values(request_headers, b"cache-control"))
-    if b"no-store" in request_cc:
+    fields = _ResponseFields(response_headers)
+    if rule is None and not fields.cache_control and fields.expires is None:
+        return None, "no explicit freshness"  # the common case, settled in one pass
+    request_cc_values = field_values(request_headers, b"cache-control")
+    if request_cc_values and b"no-store" in parse_cache_control(request_cc_values):
         return None, "request no-store"  # §3, §5.2.1.5
-    cc = parse_cache_control(field_values(response_headers, b"cache-control"))
+    cc = parse_cache_control(fields.cache_control) if fields.cache_control else {}
     if b"no-store" in cc:
         return None, "response no-store"  # §5.2.2.5
     if b"private" in cc:
@@ -205,27 +263,28 @@ def decide_storage(
         # An operator's rule says this route may be served from cache even so:
         # event streams in particular send no-cache as a matter of course.
         cc = {k: v for k, v in cc.items() if k not in (b"no-cache", b"max-age", b"s-maxage", b"must-revalidate")}
-    if field_values(response_headers, b"set-cookie"):
+    if fields.set_cookie:
         return None, "response sets a cookie"
-    names = vary_names(response_headers)
+    names = vary_names([(b"vary", v) for v in fields.vary]) if fields.vary else ()
     if names is None:
         return None, "Vary: *"
     if rule is None and any(n == b"authorization" for n, _ in request_headers):
         # §3.5: a shared cache stores an answer to an authenticated request only if told it may.
         if not (b"must-revalidate" in cc or b"public" in cc or b"s-maxage" in cc):
             return None, "authenticated request"
-    if is_event_stream(response_headers) and not (rule is not None and rule.stream):
+    stream = fields.content_type is not None and _is_event_stream_type(fields.content_type)
+    if stream and not (rule is not None and rule.stream):
         return None, "event stream (a rule may allow it with stream = true)"
 
-    date = _first_date(response_headers, b"date")
-    lifetime = _explicit_lifetime(cc, response_headers, date, now)
+    date = parse_http_date(fields.date) if fields.date is not None else None
+    lifetime = _explicit_lifetime(cc, fields.expires, date, now)
     if lifetime is None:
         if rule is None or not 200 <= status < 300:
             return None, "no explicit freshness"  # heuristic freshness is never used
         lifetime = rule.ttl
     # §4.2.3, without the response delay (pyproxy does not timestamp requests):
     # the larger of the Age the upstream sent and what the Date implies.
-    age_value = delta_seconds(_first(response_headers, b"age")) or 0
+    age_value = delta_seconds(fields.age) or 0
     apparent_age = max(0.0, now - date) if date is not None else 0.0
     initial_age = max(float(age_value), apparent_age)
 
@@ -236,19 +295,18 @@ def decide_storage(
         sie = _window(cc, b"stale-if-error", rule.stale_if_error if rule else 0.0)
     if lifetime - initial_age <= 0 and swr <= 0 and sie <= 0:
         return None, "already stale"
-    return Freshness(float(lifetime), initial_age, swr, sie, names), ""
+    return Freshness(float(lifetime), initial_age, swr, sie, names, stream), ""
 
 
-def _explicit_lifetime(cc: Directives, headers: Sequence[Header], date: Optional[float], now: float) -> Optional[float]:
+def _explicit_lifetime(cc: Directives, expires_value: Optional[bytes], date: Optional[float], now: float) -> Optional[float]:
     """§4.2.1: s-maxage, else max-age, else Expires minus Date."""
     for directive in (b"s-maxage", b"max-age"):
         if directive in cc:
             seconds = delta_seconds(cc[directive])
             # An invalid value makes the response stale (§4.2.1, §5.2.2.1).
             return float(seconds) if seconds is not None else 0.0
-    expires_values = field_values(headers, b"expires")
-    if expires_values:
-        expires = parse_http_date(expires_values[0])
+    if expires_value is not None:
+        expires = parse_http_date(expires_value)
         if expires is None:
             return 0.0  # §5.3: an invalid Expires means already expired
         return max(0.0, expires - (date if date is not None else now))
@@ -263,18 +321,5 @@ def _window(cc: Directives, directive: bytes, default: float) -> float:
     return default
 
 
-def _first(headers: Sequence[Header], name: bytes) -> Optional[bytes]:
-    for n, v in headers:
-        if n == name:
-            return v
-    return None
-
-
-def _first_date(headers: Sequence[Header], name: bytes) -> Optional[float]:
-    value = _first(headers, name)
-    return parse_http_date(value) if value is not None else None
-
-
-def is_event_stream(headers: Sequence[Header]) -> bool:
-    value = _first(headers, b"content-type")
-    return value is not None and value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+def _is_event_stream_type(content_type: bytes) -> bool:
+    return content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
