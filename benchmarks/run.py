@@ -513,7 +513,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return results
 
 
-def hit_scenario(name: str, workdir: Path, origin_port: int, sse_port: int, pypy: str, duration: float) -> Dict[str, float]:
+def hit_scenario(
+    name: str, workdir: Path, origin_port: int, sse_port: int, pypy: str, duration: float
+) -> Dict[str, float]:
     """Cache hits: the default rule caches GET /v1/models; every request after the first is a hit."""
     service = start_target(name, workdir, origin_port, sse_port, pypy, layers=[])
     try:
@@ -525,7 +527,9 @@ def hit_scenario(name: str, workdir: Path, origin_port: int, sse_port: int, pypy
         service.stop()
 
 
-def miss_scenario(name: str, workdir: Path, origin_port: int, sse_port: int, pypy: str, duration: float) -> Dict[str, float]:
+def miss_scenario(
+    name: str, workdir: Path, origin_port: int, sse_port: int, pypy: str, duration: float
+) -> Dict[str, float]:
     """What the layers cost when they never help: every request a distinct /v1/models?i=N,
     so each is a cache miss that is then stored, and none can be coalesced. The same
     load against a relay-only instance is the reference."""

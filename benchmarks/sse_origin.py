@@ -15,7 +15,6 @@ import sys
 import time
 from urllib.parse import parse_qs, urlsplit
 
-
 SLOW_BODY = b'{"object":"list","data":[{"id":"gpt-bench","object":"model"}]}'
 slow_requests = 0
 

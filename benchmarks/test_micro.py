@@ -18,6 +18,9 @@ from typing import Any, List
 import h11
 import pytest
 
+from pyproxy.cache.entry import FRESH
+from pyproxy.cache.layer import Cache
+from pyproxy.cache.policy import decide_storage
 from pyproxy.config import Settings, parse_upstream
 from pyproxy.http.fastpath import (
     parse_request_head,
@@ -26,6 +29,8 @@ from pyproxy.http.fastpath import (
     serialize_response_head,
 )
 from pyproxy.http.headers import RequestFraming, client_response_headers, upstream_request_headers
+from pyproxy.http.messages import RequestHead
+from pyproxy.routing import Router
 from pyproxy.upstream.connection import ACTIVE, UpstreamConnection
 from pyproxy.upstream.pool import ConnectionPool
 
@@ -134,3 +139,44 @@ def test_pool_checkout_checkin(benchmark: Any, pool: ConnectionPool) -> None:
 
     benchmark(cycle)
     assert len(pool.idle) == 8
+
+
+@pytest.fixture
+def warm_cache() -> Any:
+    loop = asyncio.new_event_loop()
+    settings = Settings(upstream=parse_upstream("http://127.0.0.1:9"))
+    cache = Cache(settings, loop)
+    router = Router(settings)
+    request = RequestHead(b"GET", b"/v1/models", [(b"host", b"x"), (b"authorization", b"Bearer sk-test-0123456789")])
+    plan = router.plan(request, False)
+    assert plan is not None
+    recording = cache.recording(plan.cache_key, plan.method, plan.cache_rule, plan.headers)
+    assert recording.begin(200, b"OK", [(b"content-type", b"application/json"), (b"content-length", b"600")])
+    recording.finish(b"x" * 600)
+    yield router, cache, request
+    loop.close()
+
+
+def test_cache_hit_path(benchmark: Any, warm_cache: Any) -> None:
+    """What a hit costs besides the socket write: plan, lookup, judge, the response bytes."""
+    router, cache, request = warm_cache
+
+    def hit() -> bytes:
+        plan = router.plan(request, False)
+        entry = cache.lookup_now(plan.cache_key)
+        assert cache.judge(entry, plan.headers) is FRESH
+        return entry.response_head(b"HIT", int(entry.age(cache.clock())), False) + entry.wire
+
+    out = benchmark(hit)
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"x" * 600)
+
+
+def test_storage_decision(benchmark: Any) -> None:
+    headers = client_response_headers(parse_response_head(RESPONSE, b"GET").headers)  # type: ignore[union-attr]
+    headers.insert(0, (b"cache-control", b"public, max-age=60, stale-while-revalidate=30"))
+    freshness, _ = benchmark(
+        lambda: decide_storage(
+            method=b"GET", status=200, request_headers=[], response_headers=headers, rule=None, now=1.8e9
+        )
+    )
+    assert freshness is not None and freshness.lifetime == 60.0

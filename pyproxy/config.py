@@ -273,7 +273,9 @@ OPTIONS: Tuple[Option, ...] = (
         "largest request body a POST rule keys on (larger ones are relayed, not cached or coalesced)",
         metavar="BYTES",
     ),
-    Option("dedup_enabled", _bool, True, "coalesce identical in-flight requests (--no-dedup turns it off)", metavar="BOOL"),
+    Option(
+        "dedup_enabled", _bool, True, "coalesce identical in-flight requests (--no-dedup turns it off)", metavar="BOOL"
+    ),
     Option(
         "dedup_replay_bytes",
         _int_at_least(0),

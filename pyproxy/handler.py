@@ -27,10 +27,10 @@ from pyproxy.errors import ClientStalled, ProxyError, UpstreamDisconnected
 from pyproxy.http.fastpath import serialize_request_head
 from pyproxy.http.headers import RequestFraming, client_response_headers, to_origin_form, upstream_request_headers
 from pyproxy.http.messages import RequestHead, ResponseHead
+from pyproxy.routing import Plan, Router
 from pyproxy.server.body import RequestBody
 from pyproxy.server.protocol import ClientConnection, ClientGone
 from pyproxy.upstream.connection import ExchangeListener, UpstreamConnection
-from pyproxy.routing import Plan, Router
 from pyproxy.upstream.pool import ConnectionPool
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -329,9 +329,7 @@ class Handler:
             if fetch is not None and fetch.joinable:
                 coalescer.stats.followers += 1
                 extra = [cache_header, X_DEDUP_FOLLOWER] if cache_header else [X_DEDUP_FOLLOWER]
-                fetch.subscribe(
-                    client, extra, plan.headers, lambda c: self._dispatch(c, body, outbound, chunks)
-                )
+                fetch.subscribe(client, extra, plan.headers, lambda c: self._dispatch(c, body, outbound, chunks))
                 return
         cache = self.cache
         if cache is not None and plan.cache_mode == BYPASS_MODE:

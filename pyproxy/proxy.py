@@ -10,8 +10,8 @@ from typing import Callable, Optional, Set
 
 from pyproxy._compat import is_uvloop
 from pyproxy.cache.layer import Cache
-from pyproxy.dedup import Coalescer
 from pyproxy.config import Settings
+from pyproxy.dedup import Coalescer
 from pyproxy.handler import Handler
 from pyproxy.server.protocol import BufferedClientConnection, ClientConnection
 from pyproxy.upstream.pool import ConnectionPool

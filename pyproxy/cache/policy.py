@@ -87,7 +87,14 @@ def parse_http_date(value: bytes) -> Optional[float]:
             if month is not None:
                 return float(
                     calendar.timegm(
-                        (int(value[12:16]), month, int(value[5:7]), int(value[17:19]), int(value[20:22]), int(value[23:25]))
+                        (
+                            int(value[12:16]),
+                            month,
+                            int(value[5:7]),
+                            int(value[17:19]),
+                            int(value[20:22]),
+                            int(value[23:25]),
+                        )
                     )
                 )
         except ValueError:
@@ -298,7 +305,9 @@ def decide_storage(
     return Freshness(float(lifetime), initial_age, swr, sie, names, stream), ""
 
 
-def _explicit_lifetime(cc: Directives, expires_value: Optional[bytes], date: Optional[float], now: float) -> Optional[float]:
+def _explicit_lifetime(
+    cc: Directives, expires_value: Optional[bytes], date: Optional[float], now: float
+) -> Optional[float]:
     """§4.2.1: s-maxage, else max-age, else Expires minus Date."""
     for directive in (b"s-maxage", b"max-age"):
         if directive in cc:

@@ -64,6 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
         def client_resumed(self) -> None: ...
 
+
 log = logging.getLogger("pyproxy.server")
 
 # which parser reads the current cycle, and how far it got

@@ -175,9 +175,10 @@ async def test_tenant_isolation_under_concurrency() -> None:
 
 
 async def test_shared_rule_serves_every_caller_one_entry() -> None:
-    async with Origin() as origin, running_proxy(
-        origin.url, cache_rules=(rule(b"/v1/models", ttl=60.0, shared=True),)
-    ) as proxy:
+    async with (
+        Origin() as origin,
+        running_proxy(origin.url, cache_rules=(rule(b"/v1/models", ttl=60.0, shared=True),)) as proxy,
+    ):
         for i in range(5):
             await request(proxy.port, b"GET", b"/v1/models", [(b"authorization", b"Bearer %d" % i)])
         assert hits(origin, b"/v1/models") == 1
@@ -218,14 +219,17 @@ async def test_post_rules_key_on_canonical_json() -> None:
 
 
 async def test_post_body_arriving_in_pieces_is_keyed_whole() -> None:
-    async with Origin() as origin, running_proxy(
-        origin.url, cache_rules=(rule(b"/v1/embeddings", [b"POST"], ttl=60.0),)
-    ) as proxy:
+    async with (
+        Origin() as origin,
+        running_proxy(origin.url, cache_rules=(rule(b"/v1/embeddings", [b"POST"], ttl=60.0),)) as proxy,
+    ):
         add_counting_route(origin, b"/v1/embeddings", [])
         body = json.dumps({"model": "e", "input": ["x" * 300_000]}).encode()
         for expected in (b"MISS", b"HIT"):
             async with await Client.connect(proxy.port) as client:
-                await client.send_request(b"POST", b"/v1/embeddings", [(b"content-length", b"%d" % len(body))], end=False)
+                await client.send_request(
+                    b"POST", b"/v1/embeddings", [(b"content-length", b"%d" % len(body))], end=False
+                )
                 for start in range(0, len(body), 50_000):
                     client.writer.write(body[start : start + 50_000])
                     await client.writer.drain()
@@ -239,9 +243,12 @@ async def test_post_body_arriving_in_pieces_is_keyed_whole() -> None:
 async def test_stale_while_revalidate_serves_stale_and_refreshes_exactly_once() -> None:
     clock = FakeClock()
     gate = asyncio.Event()
-    async with Origin() as origin, running_proxy(
-        origin.url, clock=clock, cache_rules=(rule(b"/swr", ttl=10.0, stale_while_revalidate=60.0),)
-    ) as proxy:
+    async with (
+        Origin() as origin,
+        running_proxy(
+            origin.url, clock=clock, cache_rules=(rule(b"/swr", ttl=10.0, stale_while_revalidate=60.0),)
+        ) as proxy,
+    ):
 
         @origin.route(b"/swr")
         async def swr(req: Received, reply: Reply) -> None:
@@ -301,9 +308,12 @@ async def test_stale_if_error_on_5xx_and_on_a_dead_upstream() -> None:
 
 
 async def test_memory_bound_holds_under_a_flood_of_distinct_keys() -> None:
-    async with Origin() as origin, running_proxy(
-        origin.url, cache_max_bytes=64 * 1024, cache_max_entries=50, cache_rules=(rule(b"/flood*", ttl=60.0),)
-    ) as proxy:
+    async with (
+        Origin() as origin,
+        running_proxy(
+            origin.url, cache_max_bytes=64 * 1024, cache_max_entries=50, cache_rules=(rule(b"/flood*", ttl=60.0),)
+        ) as proxy,
+    ):
 
         @origin.route(b"/flood")
         async def flood(req: Received, reply: Reply) -> None:
@@ -320,9 +330,10 @@ async def test_memory_bound_holds_under_a_flood_of_distinct_keys() -> None:
 
 
 async def test_objects_over_the_limit_are_relayed_not_stored() -> None:
-    async with Origin() as origin, running_proxy(
-        origin.url, cache_max_object_bytes=10_000, cache_rules=(rule(b"/big", ttl=60.0),)
-    ) as proxy:
+    async with (
+        Origin() as origin,
+        running_proxy(origin.url, cache_max_object_bytes=10_000, cache_rules=(rule(b"/big", ttl=60.0),)) as proxy,
+    ):
         for size in (50_000, 50_000):
             resp = await request(proxy.port, b"GET", b"/big?size=%d" % size)
             assert resp.complete and len(resp.body) == size and resp.header(b"x-cache") == b"MISS"

@@ -25,9 +25,10 @@ async def redis_keys(server: RedisServer) -> int:
 
 async def test_two_proxies_share_one_cache() -> None:
     async with RedisServer() as server, Origin() as origin:
-        async with running_proxy(origin.url, cache_backend=server.url) as a, running_proxy(
-            origin.url, cache_backend=server.url
-        ) as b:
+        async with (
+            running_proxy(origin.url, cache_backend=server.url) as a,
+            running_proxy(origin.url, cache_backend=server.url) as b,
+        ):
             first = await request(a.port, b"GET", MODELS, AUTH)
             assert first.header(b"x-cache") == b"MISS" and first.body == MODELS_BODY
             # The write to Redis is fire-and-forget: wait for it to land.
@@ -49,9 +50,10 @@ async def test_redis_killed_and_restarted_mid_test() -> None:
     server = RedisServer()
     await server.start()
     try:
-        async with Origin() as origin, running_proxy(
-            origin.url, cache_backend=server.url, cache_redis_timeout=0.2
-        ) as proxy:
+        async with (
+            Origin() as origin,
+            running_proxy(origin.url, cache_backend=server.url, cache_redis_timeout=0.2) as proxy,
+        ):
             assert proxy.cache is not None
             stats = proxy.cache.stats
             await request(proxy.port, b"GET", MODELS, AUTH)
@@ -95,9 +97,10 @@ async def test_redis_that_never_answers_costs_one_timeout_then_nothing() -> None
     hole = await asyncio.start_server(swallow, "127.0.0.1", free_port())
     port = hole.sockets[0].getsockname()[1]
     try:
-        async with Origin() as origin, running_proxy(
-            origin.url, cache_backend=f"redis://127.0.0.1:{port}/0", cache_redis_timeout=0.2
-        ) as proxy:
+        async with (
+            Origin() as origin,
+            running_proxy(origin.url, cache_backend=f"redis://127.0.0.1:{port}/0", cache_redis_timeout=0.2) as proxy,
+        ):
             started = time.monotonic()
             resp = await request(proxy.port, b"GET", MODELS, AUTH)
             first = time.monotonic() - started
@@ -120,5 +123,3 @@ async def wait_until_async(probe, expected: int, timeout: float = 5.0) -> None: 
         if loop.time() > deadline:
             raise AssertionError(f"redis did not reach {expected} keys within {timeout} s")
         await asyncio.sleep(0.01)
-
-

@@ -94,9 +94,9 @@ class StreamReader:
         return dict(self.head.headers).get(name)
 
 
-async def open_stream(port: int, target: bytes, headers: List[Tuple[bytes, bytes]] = []) -> Tuple[Client, "asyncio.Task[StreamReader]"]:
+async def open_stream(port: int, target: bytes) -> Tuple[Client, "asyncio.Task[StreamReader]"]:
     client = await Client.connect(port)
-    await client.send_request(b"GET", target, headers)
+    await client.send_request(b"GET", target)
     return client, asyncio.ensure_future(StreamReader(client).run())
 
 
@@ -130,7 +130,7 @@ async def test_sse_fans_out_live_to_every_follower() -> None:
             assert reader.complete and [e for e, _ in reader.events] == [e for e, _ in leader.events]
             # Live: each event reaches a follower about when it reaches the leader (the
             # wide margin is for a loaded machine under PyPy; the benchmark has exact figures).
-            lags = [abs(f - l) for (_, f), (_, l) in zip(reader.events, leader.events)]
+            lags = [abs(mine - theirs) for (_, mine), (_, theirs) in zip(reader.events, leader.events)]
             assert max(lags) < 0.05, max(lags)
         # And live relative to the origin: events were not held back until the end.
         first_event_delay = leader.events[0][1] - json.loads(leader.events[0][0][6:])["sent"]
@@ -299,9 +299,10 @@ async def test_follower_with_other_vary_values_gets_its_own_fetch() -> None:
 async def test_a_slow_follower_is_disconnected_and_the_others_finish() -> None:
     gate = Gate()
     size = 24 * 1024 * 1024
-    async with Origin() as origin, running_proxy(
-        origin.url, dedup_max_backlog=1024 * 1024, dedup_replay_bytes=64 * 1024, **NO_CACHE
-    ) as proxy:
+    async with (
+        Origin() as origin,
+        running_proxy(origin.url, dedup_max_backlog=1024 * 1024, dedup_replay_bytes=64 * 1024, **NO_CACHE) as proxy,
+    ):
 
         @origin.route(b"/bulk")
         async def bulk(req: Received, reply: Reply) -> None:

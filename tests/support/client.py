@@ -177,7 +177,11 @@ def make_settings(upstream: str, **overrides: Any) -> Settings:
 @contextlib.asynccontextmanager
 async def running_proxy(upstream: str, clock: Any = None, **overrides: Any) -> AsyncIterator[Proxy]:
     loop = asyncio.get_running_loop()
-    proxy = Proxy(make_settings(upstream, **overrides), loop, clock) if clock else Proxy(make_settings(upstream, **overrides), loop)
+    proxy = (
+        Proxy(make_settings(upstream, **overrides), loop, clock)
+        if clock
+        else Proxy(make_settings(upstream, **overrides), loop)
+    )
     await proxy.start()
     try:
         yield proxy

@@ -33,27 +33,153 @@ STREAM_RULE = Rule(methods=frozenset({b"GET"}), path=b"/r", prefix=False, name="
 # (id, method, status, request headers, response headers, rule, expected lifetime or None, reason fragment)
 STORAGE_CASES = [
     ("max-age", b"GET", 200, [], [(b"cache-control", b"max-age=60")], None, 60.0, ""),
-    ("s-maxage wins over max-age (§5.2.2.10)", b"GET", 200, [], [(b"cache-control", b"max-age=5, s-maxage=50")], None, 50.0, ""),
+    (
+        "s-maxage wins over max-age (§5.2.2.10)",
+        b"GET",
+        200,
+        [],
+        [(b"cache-control", b"max-age=5, s-maxage=50")],
+        None,
+        50.0,
+        "",
+    ),
     ("Expires minus Date (§4.2.1)", b"GET", 200, [], [(b"date", date(0)), (b"expires", date(120))], None, 120.0, ""),
-    ("max-age beats Expires (§5.3)", b"GET", 200, [], [(b"cache-control", b"max-age=10"), (b"expires", date(999))], None, 10.0, ""),
+    (
+        "max-age beats Expires (§5.3)",
+        b"GET",
+        200,
+        [],
+        [(b"cache-control", b"max-age=10"), (b"expires", date(999))],
+        None,
+        10.0,
+        "",
+    ),
     ("invalid Expires is expired (§5.3)", b"GET", 200, [], [(b"expires", b"0")], None, None, "already stale"),
-    ("no explicit freshness: no heuristics", b"GET", 200, [], [(b"last-modified", date(-9999))], None, None, "no explicit freshness"),
+    (
+        "no explicit freshness: no heuristics",
+        b"GET",
+        200,
+        [],
+        [(b"last-modified", date(-9999))],
+        None,
+        None,
+        "no explicit freshness",
+    ),
     ("HEAD is cacheable", b"HEAD", 200, [], [(b"cache-control", b"max-age=5")], None, 5.0, ""),
     ("POST without a rule (§3)", b"POST", 200, [], [(b"cache-control", b"max-age=60")], None, None, "method"),
-    ("response no-store (§5.2.2.5)", b"GET", 200, [], [(b"cache-control", b"max-age=60, no-store")], None, None, "no-store"),
-    ("request no-store (§5.2.1.5)", b"GET", 200, [(b"cache-control", b"no-store")], [(b"cache-control", b"max-age=60")], None, None, "no-store"),
-    ("private: not in a shared cache (§5.2.2.7)", b"GET", 200, [], [(b"cache-control", b"private, max-age=60")], None, None, "private"),
-    ("response no-cache: never reusable unvalidated (§5.2.2.4)", b"GET", 200, [], [(b"cache-control", b"no-cache, max-age=60")], None, None, "no-cache"),
-    ("response no-cache under a rule: the rule's TTL", b"GET", 200, [], [(b"cache-control", b"no-cache, max-age=0")], RULE, 30.0, ""),
+    (
+        "response no-store (§5.2.2.5)",
+        b"GET",
+        200,
+        [],
+        [(b"cache-control", b"max-age=60, no-store")],
+        None,
+        None,
+        "no-store",
+    ),
+    (
+        "request no-store (§5.2.1.5)",
+        b"GET",
+        200,
+        [(b"cache-control", b"no-store")],
+        [(b"cache-control", b"max-age=60")],
+        None,
+        None,
+        "no-store",
+    ),
+    (
+        "private: not in a shared cache (§5.2.2.7)",
+        b"GET",
+        200,
+        [],
+        [(b"cache-control", b"private, max-age=60")],
+        None,
+        None,
+        "private",
+    ),
+    (
+        "response no-cache: never reusable unvalidated (§5.2.2.4)",
+        b"GET",
+        200,
+        [],
+        [(b"cache-control", b"no-cache, max-age=60")],
+        None,
+        None,
+        "no-cache",
+    ),
+    (
+        "response no-cache under a rule: the rule's TTL",
+        b"GET",
+        200,
+        [],
+        [(b"cache-control", b"no-cache, max-age=0")],
+        RULE,
+        30.0,
+        "",
+    ),
     ("no-store holds even under a rule", b"GET", 200, [], [(b"cache-control", b"no-store")], RULE, None, "no-store"),
     ("private holds even under a rule", b"GET", 200, [], [(b"cache-control", b"private")], RULE, None, "private"),
     ("Set-Cookie", b"GET", 200, [], [(b"cache-control", b"max-age=60"), (b"set-cookie", b"a=b")], None, None, "cookie"),
-    ("Vary: * (§4.1)", b"GET", 200, [], [(b"cache-control", b"max-age=60"), (b"vary", b"Accept, *")], None, None, "Vary"),
-    ("Authorization without permission (§3.5)", b"GET", 200, [(b"authorization", b"Bearer k")], [(b"cache-control", b"max-age=60")], None, None, "authenticated"),
-    ("Authorization with public (§3.5)", b"GET", 200, [(b"authorization", b"Bearer k")], [(b"cache-control", b"public, max-age=60")], None, 60.0, ""),
-    ("Authorization with s-maxage (§3.5)", b"GET", 200, [(b"authorization", b"Bearer k")], [(b"cache-control", b"s-maxage=7")], None, 7.0, ""),
-    ("Authorization with must-revalidate (§3.5)", b"GET", 200, [(b"authorization", b"Bearer k")], [(b"cache-control", b"must-revalidate, max-age=9")], None, 9.0, ""),
-    ("Authorization under a rule: keyed per caller", b"GET", 200, [(b"authorization", b"Bearer k")], [], RULE, 30.0, ""),
+    (
+        "Vary: * (§4.1)",
+        b"GET",
+        200,
+        [],
+        [(b"cache-control", b"max-age=60"), (b"vary", b"Accept, *")],
+        None,
+        None,
+        "Vary",
+    ),
+    (
+        "Authorization without permission (§3.5)",
+        b"GET",
+        200,
+        [(b"authorization", b"Bearer k")],
+        [(b"cache-control", b"max-age=60")],
+        None,
+        None,
+        "authenticated",
+    ),
+    (
+        "Authorization with public (§3.5)",
+        b"GET",
+        200,
+        [(b"authorization", b"Bearer k")],
+        [(b"cache-control", b"public, max-age=60")],
+        None,
+        60.0,
+        "",
+    ),
+    (
+        "Authorization with s-maxage (§3.5)",
+        b"GET",
+        200,
+        [(b"authorization", b"Bearer k")],
+        [(b"cache-control", b"s-maxage=7")],
+        None,
+        7.0,
+        "",
+    ),
+    (
+        "Authorization with must-revalidate (§3.5)",
+        b"GET",
+        200,
+        [(b"authorization", b"Bearer k")],
+        [(b"cache-control", b"must-revalidate, max-age=9")],
+        None,
+        9.0,
+        "",
+    ),
+    (
+        "Authorization under a rule: keyed per caller",
+        b"GET",
+        200,
+        [(b"authorization", b"Bearer k")],
+        [],
+        RULE,
+        30.0,
+        "",
+    ),
     ("404 with explicit freshness", b"GET", 404, [], [(b"cache-control", b"max-age=60")], None, 60.0, ""),
     ("404 without explicit freshness, even with a rule", b"GET", 404, [], [], RULE, None, "no explicit freshness"),
     ("503 without explicit freshness", b"GET", 503, [], [], RULE, None, "no explicit freshness"),
@@ -61,9 +187,36 @@ STORAGE_CASES = [
     ("rule TTL for a response without cache headers", b"POST", 200, [], [], RULE, 30.0, ""),
     ("response freshness wins over the rule's", b"GET", 200, [], [(b"cache-control", b"max-age=3")], RULE, 3.0, ""),
     ("max-age=0 and no stale window", b"GET", 200, [], [(b"cache-control", b"max-age=0")], RULE, None, "already stale"),
-    ("invalid max-age is stale (§4.2.1)", b"GET", 200, [], [(b"cache-control", b"max-age=soon")], None, None, "already stale"),
-    ("event stream without stream = true", b"GET", 200, [], [(b"content-type", b"text/event-stream")], RULE, None, "event stream"),
-    ("event stream with stream = true", b"GET", 200, [], [(b"content-type", b"text/event-stream; charset=utf-8")], STREAM_RULE, 30.0, ""),
+    (
+        "invalid max-age is stale (§4.2.1)",
+        b"GET",
+        200,
+        [],
+        [(b"cache-control", b"max-age=soon")],
+        None,
+        None,
+        "already stale",
+    ),
+    (
+        "event stream without stream = true",
+        b"GET",
+        200,
+        [],
+        [(b"content-type", b"text/event-stream")],
+        RULE,
+        None,
+        "event stream",
+    ),
+    (
+        "event stream with stream = true",
+        b"GET",
+        200,
+        [],
+        [(b"content-type", b"text/event-stream; charset=utf-8")],
+        STREAM_RULE,
+        30.0,
+        "",
+    ),
 ]
 
 
@@ -106,9 +259,7 @@ def test_stale_windows_from_response_or_rule_and_never_with_must_revalidate() ->
     swr_rule = Rule(
         methods=frozenset({b"GET"}), path=b"/", prefix=False, name="", ttl=5, stale_while_revalidate=7, stale_if_error=9
     )
-    f, _ = decide_storage(
-        method=b"GET", status=200, request_headers=[], response_headers=[], rule=swr_rule, now=NOW
-    )
+    f, _ = decide_storage(method=b"GET", status=200, request_headers=[], response_headers=[], rule=swr_rule, now=NOW)
     assert f is not None and (f.stale_while_revalidate, f.stale_if_error) == (7.0, 9.0)
     f, _ = decide_storage(
         method=b"GET",
@@ -121,7 +272,12 @@ def test_stale_windows_from_response_or_rule_and_never_with_must_revalidate() ->
     assert f is not None and (f.stale_while_revalidate, f.stale_if_error) == (1.0, 2.0)
     for cc in (b"max-age=5, must-revalidate", b"max-age=5, proxy-revalidate", b"s-maxage=5"):
         f, _ = decide_storage(
-            method=b"GET", status=200, request_headers=[], response_headers=[(b"cache-control", cc)], rule=swr_rule, now=NOW
+            method=b"GET",
+            status=200,
+            request_headers=[],
+            response_headers=[(b"cache-control", cc)],
+            rule=swr_rule,
+            now=NOW,
         )
         assert f is not None and (f.stale_while_revalidate, f.stale_if_error) == (0.0, 0.0), cc
 
@@ -145,7 +301,7 @@ def test_request_modes(headers: H, mode: str) -> None:
 
 
 def test_cache_control_parsing() -> None:
-    cc = parse_cache_control([b'max-age=5, no-cache="set-cookie, x", Private', b"s-maxage=\"9\""])
+    cc = parse_cache_control([b'max-age=5, no-cache="set-cookie, x", Private', b's-maxage="9"'])
     assert cc == {b"max-age": b"5", b"no-cache": b"set-cookie, x", b"private": None, b"s-maxage": b"9"}
     assert policy.delta_seconds(b"99999999999999") == 2**31  # §1.2.2
     assert policy.delta_seconds(b"-1") is None and policy.delta_seconds(b"1.5") is None
@@ -169,9 +325,10 @@ def test_vary_values_normalise_list_whitespace() -> None:
     assert policy.vary_values([(b"accept", b"text/html")], names) != a
 
 
-def make_entry(
-    headers: H = [(b"content-type", b"application/json")], body: bytes = b'{"a":1}', **kw: object
-) -> CachedResponse:
+JSON_HEADERS: H = [(b"content-type", b"application/json")]
+
+
+def make_entry(headers: H = JSON_HEADERS, body: bytes = b'{"a":1}', **kw: object) -> CachedResponse:
     args = dict(
         stream=False,
         stored_at=NOW,
