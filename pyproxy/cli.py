@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Dict, List, Mapping, NoReturn, Optional
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, Tuple
 
 from pyproxy import __version__
 from pyproxy._compat import LoopUnavailable, describe_runtime, new_event_loop
@@ -42,6 +42,8 @@ def make_parser() -> argparse.ArgumentParser:
         default = option.default
         if isinstance(default, tuple):
             default = ":".join(map(str, default))
+        elif isinstance(default, bytes):
+            default = default.decode()
         env = ", ".join(option.env_names)
         parser.add_argument(
             option.flag,
@@ -56,13 +58,23 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-dedup", dest="dedup_enabled", action="store_const", const="false", help="same as --dedup-enabled false"
     )
+    # Internal: how the supervisor starts a worker (listening socket fd, control socket fd).
+    parser.add_argument("--worker-fds", dest="worker_fds", default=None, help=argparse.SUPPRESS)
     return parser
 
 
 def parse_settings(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] = None) -> Settings:
     args = make_parser().parse_args(argv)
-    cli: Dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
+    cli: Dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None and k != "worker_fds"}
     return build_settings(cli, os.environ if environ is None else environ)
+
+
+def worker_fds(argv: List[str]) -> Optional[Tuple[int, int]]:
+    value = make_parser().parse_args(argv).worker_fds
+    if value is None:
+        return None
+    listen_fd, control_fd = (int(part) for part in value.split(","))
+    return listen_fd, control_fd
 
 
 def configure_logging(level: str) -> None:
@@ -78,13 +90,13 @@ async def serve(settings: Settings) -> None:
 
     loop = asyncio.get_running_loop()
     proxy = Proxy(settings, loop)
-    try:
-        await proxy.start()
-    except OSError as exc:
-        raise ConfigError(f"--listen {settings.listen[0]}:{settings.listen[1]}: {exc.strerror or exc}") from None
+    await proxy.start()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: log.warning("SIGHUP: reloading needs --workers (a supervisor); ignored")
+    )
     assert settings.upstream is not None
     log.info(
         "pyproxy %s listening on http://%s:%d -> %s%s (%s)",
@@ -95,14 +107,51 @@ async def serve(settings: Settings) -> None:
         settings.upstream.prefix.decode(),
         describe_runtime(loop),
     )
+    if proxy.admin is not None:
+        log.info(
+            "admin listener on http://%s:%d (/metrics /health /ready /cache/purge)",
+            settings.admin_listen[0],
+            proxy.admin.port,
+        )  # type: ignore[index]
     await stop.wait()
     await proxy.stop()
     log.info("stopped")
 
 
+async def serve_worker(settings: Settings, listen_fd: int, control_fd: int) -> None:
+    """One worker under a supervisor: accept on the inherited socket, report over the
+    control socket, drain on SIGTERM (or when the supervisor disappears)."""
+    import socket
+
+    from pyproxy.proxy import Proxy
+    from pyproxy.supervisor import serve_control
+
+    loop = asyncio.get_running_loop()
+    proxy = Proxy(settings, loop)
+    sock = socket.socket(fileno=listen_fd)
+    await proxy.start(sock=sock, admin=False)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # the supervisor decides; it forwards SIGTERM
+    control = loop.create_task(serve_control(proxy, control_fd, stop))
+    log.info("worker %d accepting (%s)", os.getpid(), describe_runtime(loop))
+    await stop.wait()
+    await proxy.stop()
+    control.cancel()
+    await asyncio.gather(control, return_exceptions=True)
+
+
+async def supervise(settings: Settings, argv: List[str]) -> int:
+    from pyproxy.supervisor import Supervisor
+
+    return await Supervisor(settings, argv, dict(os.environ)).run()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
     try:
-        settings = parse_settings(argv)
+        settings = parse_settings(args)
+        fds = worker_fds(args)
         loop = new_event_loop(settings.loop)
     except (ConfigError, LoopUnavailable) as exc:
         sys.stderr.write(f"pyproxy: error: {exc}\n")
@@ -110,7 +159,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     configure_logging(settings.log_level)
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(serve(settings))
+        if fds is not None:
+            loop.run_until_complete(serve_worker(settings, *fds))
+        elif settings.workers is not None:
+            loop.run_until_complete(supervise(settings, args))
+        else:
+            loop.run_until_complete(serve(settings))
     except ConfigError as exc:
         sys.stderr.write(f"pyproxy: error: {exc}\n")
         return EXIT_USAGE

@@ -14,7 +14,16 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 from pyproxy._compat import LOOP_CHOICES
-from pyproxy.rules import CACHE_RULE_KEYS, DEDUP_RULE_KEYS, DEFAULT_CACHE_RULES, Rule, RuleError, parse_rules
+from pyproxy.rules import (
+    ANY_METHOD,
+    CACHE_RULE_KEYS,
+    DEDUP_RULE_KEYS,
+    DEFAULT_CACHE_RULES,
+    ROUTE_KEYS,
+    Rule,
+    RuleError,
+    parse_rules,
+)
 
 
 class ConfigError(ValueError):
@@ -143,6 +152,39 @@ def _header_names(value: Any) -> Tuple[bytes, ...]:
         if not name.replace(b"-", b"").replace(b"_", b"").isalnum():
             raise ConfigError(f"not a header name: {name.decode()!r}")
     return cleaned
+
+
+def _listen_or_off(value: Any) -> Optional[Tuple[str, int]]:
+    text = str(value)
+    return None if text.lower() == "off" else parse_listen(text)
+
+
+def _path_or_off(value: Any) -> Optional[bytes]:
+    text = str(value)
+    if text.lower() == "off":
+        return None
+    if not text.startswith("/") or any(c in text for c in " ?#"):
+        raise ConfigError(f"expected a path like /health, or off, got {value!r}")
+    return text.encode("ascii")
+
+
+def _log_target(value: Any) -> Optional[str]:
+    text = str(value)
+    if text.lower() == "off" or not text:
+        return None
+    if text == "-":
+        return text
+    directory = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise ConfigError(f"cannot write a log file in {directory!r}")
+    return text
+
+
+def _workers(value: Any) -> int:
+    text = str(value).strip().lower()
+    if text == "auto":
+        return 0  # resolved at start: one per CPU this process may run on
+    return _int_at_least(1)(text)
 
 
 def _upstream(value: Any) -> Upstream:
@@ -290,6 +332,50 @@ OPTIONS: Tuple[Option, ...] = (
         "unsent bytes a joined client may fall behind before it is disconnected",
         metavar="BYTES",
     ),
+    Option(
+        "admin_listen",
+        _listen_or_off,
+        ("127.0.0.1", 9901),
+        "admin listener for /metrics, /health, /ready and POST /cache/purge, or off",
+        metavar="HOST:PORT|off",
+    ),
+    Option(
+        "health_path",
+        _path_or_off,
+        b"/health",
+        "path the main listener answers itself with 200 (liveness), or off",
+        metavar="PATH|off",
+    ),
+    Option(
+        "health_interval",
+        _positive_float,
+        10.0,
+        "seconds between background checks that the upstream accepts connections",
+        metavar="S",
+    ),
+    Option("access_log", _log_target, None, "access log: - (stdout), a file path, or off", metavar="-|PATH|off"),
+    Option(
+        "access_log_format", _choice("json", "common"), "json", "access log lines: json or common", metavar="FORMAT"
+    ),
+    Option("request_id", _bool, True, "propagate X-Request-Id, or generate one, and return it", metavar="BOOL"),
+    Option("server_timing", _bool, True, "add a Server-Timing header (proxy and upstream time)", metavar="BOOL"),
+    Option("gzip", _bool, True, "gzip compressible responses for clients that accept it", metavar="BOOL"),
+    Option(
+        "gzip_min_length",
+        _int_at_least(0),
+        1000,
+        "smallest Content-Length compressed (responses of unknown length always are)",
+        metavar="BYTES",
+    ),
+    Option("gzip_level", _int_at_least(1), 5, "gzip compression level, 1-9", metavar="N"),
+    Option(
+        "workers",
+        _workers,
+        None,
+        "run a supervisor and N worker processes sharing the listener (auto: one per CPU); "
+        "it restarts crashed workers and reloads on SIGHUP (default: one process, no supervisor)",
+        metavar="N|auto",
+    ),
     Option("loop", _choice(*LOOP_CHOICES), "auto", "event loop implementation", metavar="auto|asyncio|uvloop"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "info", "logging level", metavar="LEVEL"),
 )
@@ -323,12 +409,24 @@ class Settings:
     dedup_enabled: bool = True
     dedup_replay_bytes: int = 1024 * 1024
     dedup_max_backlog: int = 4 * 1024 * 1024
+    admin_listen: Optional[Tuple[str, int]] = ("127.0.0.1", 9901)
+    health_path: Optional[bytes] = b"/health"
+    health_interval: float = 10.0
+    access_log: Optional[str] = None
+    access_log_format: str = "json"
+    request_id: bool = True
+    server_timing: bool = True
+    gzip: bool = True
+    gzip_min_length: int = 1000
+    gzip_level: int = 5
+    workers: Optional[int] = None  # None: one process, no supervisor; 0: one worker per CPU
     loop: str = "auto"
     log_level: str = "info"
     config: Optional[str] = field(default=None)
     # Only from the TOML file: [[cache.rules]] and [[dedup.rules]].
     cache_rules: Tuple[Rule, ...] = DEFAULT_CACHE_RULES
     dedup_rules: Tuple[Rule, ...] = ()
+    routes: Tuple[Rule, ...] = ()  # [[routes]]: names for the metrics' endpoint label
 
 
 def load_toml(path: str) -> Dict[str, Any]:
@@ -355,7 +453,12 @@ def _flatten_toml(
     flat: Dict[str, Tuple[str, Any]] = {}
     for key, value in table.items():
         section = key.replace("-", "_")
-        if section in _SECTIONS and isinstance(value, Mapping):
+        if section == "routes":
+            try:
+                rules["routes"] = parse_rules(value, "routes", ROUTE_KEYS, ANY_METHOD)
+            except RuleError as exc:
+                raise ConfigError(f"--config: {path}: {exc}") from None
+        elif section in _SECTIONS and isinstance(value, Mapping):
             for sub, sub_value in value.items():
                 sub_key = sub.replace("-", "_")
                 if sub_key == "rules":
@@ -405,6 +508,8 @@ def build_settings(
     if require_upstream and values.get("upstream") is None:
         raise ConfigError("--upstream is required (or PYPROXY_UPSTREAM, or 'upstream' in --config)")
     settings = Settings(config=config_path, **values, **rules)
+    if settings.gzip_level > 9:
+        raise ConfigError(f"--gzip-level must be 1-9, got {settings.gzip_level}")
     if settings.keepalive_connections > settings.pool_connections:
         raise ConfigError(
             f"--keepalive-connections ({settings.keepalive_connections}) must not exceed "

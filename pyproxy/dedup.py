@@ -116,6 +116,7 @@ class Fetch:
         "_keep_limit",
         "_diverted",
         "_leader_headers",
+        "upstream_ttfb",
     )
 
     def __init__(
@@ -152,6 +153,7 @@ class Fetch:
         self._keep_limit = 0  # retained bytes past which _outgrown decides again
         self._diverted = False  # the response was replaced by a stale entry
         self._leader_headers = leader_headers
+        self.upstream_ttfb = -1.0  # set by the exchange, passed on to every subscriber
 
     # --- subscribers -------------------------------------------------------------------
 
@@ -165,9 +167,14 @@ class Fetch:
         sub = Subscriber(self, client, extra, request_headers, redispatch)
         self.subscribers.append(sub)
         client.exchange = sub  # type: ignore[assignment]
+        for name, value in extra:
+            if name == b"x-cache":
+                client.cache_status = value
+        client.dedup_status = b"follower" if self.subscribers[0] is not sub or self.background else b"leader"
         if self.response_started:
             # A mid-stream joiner: everything so far, then the live rest.
             self.coalescer.stats.replays += 1
+            client.upstream_ttfb = self.upstream_ttfb
             client.start_response(self._status, self._reason, self._headers_for(sub))
             for chunk in self._chunks or ():
                 client.send_data(chunk)
@@ -243,7 +250,9 @@ class Fetch:
         leader_headers = self._leader_headers
         if any(sub.request_headers is not leader_headers for sub in self.subscribers):
             self._check_vary(headers)
+        ttfb = self.upstream_ttfb
         for sub in self.subscribers:
+            sub.client.upstream_ttfb = ttfb
             sub.client.start_response(status, reason, self._headers_for(sub))
 
     def send_data(self, data: bytes) -> None:

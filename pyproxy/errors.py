@@ -17,6 +17,7 @@ Headers = List[Tuple[bytes, bytes]]
 
 
 class ProxyError(Exception):
+    kind = "internal"  # the label of the upstream-errors metric
     status = 500
     error_type = "proxy_error"
 
@@ -71,6 +72,8 @@ class ClientStalled(BadRequest):
 class UpstreamError(ProxyError):
     """The upstream could not be reached or broke the exchange: 502."""
 
+    kind = "upstream"  # the label of the upstream-errors metric
+
     status = 502
     error_type = "upstream_error"
 
@@ -78,9 +81,13 @@ class UpstreamError(ProxyError):
 class UpstreamConnectError(UpstreamError):
     """Refused, unresolvable, or TLS handshake failed."""
 
+    kind = "connect"  # the label of the upstream-errors metric
+
 
 class UpstreamProtocolError(UpstreamError):
     """The upstream sent something that is not valid HTTP/1.1."""
+
+    kind = "protocol"  # the label of the upstream-errors metric
 
 
 class UpstreamDisconnected(UpstreamError):
@@ -88,6 +95,8 @@ class UpstreamDisconnected(UpstreamError):
 
     ``request_sent`` tells the pool whether a retry could duplicate the request.
     """
+
+    kind = "disconnected"  # the label of the upstream-errors metric
 
     def __init__(self, message: str, *, request_sent: bool = True, reused: bool = False) -> None:
         super().__init__(message)
@@ -98,11 +107,15 @@ class UpstreamDisconnected(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     """Connect or read timeout: 504 (RFC 9110 §15.6.5)."""
 
+    kind = "timeout"  # the label of the upstream-errors metric
+
     status = 504
 
 
 class PoolTimeout(UpstreamError):
     """No upstream connection became free within the pool wait limit: 503."""
+
+    kind = "pool_timeout"  # the label of the upstream-errors metric
 
     status = 503
     error_type = "overloaded_error"

@@ -14,7 +14,9 @@ Response chunks never pass through a coroutine either way.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, CachedResponse
@@ -23,10 +25,11 @@ from pyproxy.cache.policy import BYPASS as BYPASS_MODE
 from pyproxy.cache.policy import LOOKUP, REFETCH
 from pyproxy.cache.store import NEED_AWAIT
 from pyproxy.dedup import X_DEDUP_FOLLOWER, Coalescer, Fetch
-from pyproxy.errors import ClientStalled, ProxyError, UpstreamDisconnected
+from pyproxy.errors import ClientStalled, ProxyError, UpstreamDisconnected, UpstreamError
 from pyproxy.http.fastpath import serialize_request_head
 from pyproxy.http.headers import RequestFraming, client_response_headers, to_origin_form, upstream_request_headers
 from pyproxy.http.messages import RequestHead, ResponseHead
+from pyproxy.metrics import RequestMetrics
 from pyproxy.routing import Plan, Router
 from pyproxy.server.body import RequestBody
 from pyproxy.server.protocol import ClientConnection, ClientGone
@@ -49,6 +52,22 @@ _CACHE_HEADERS: Dict[Optional[str], Tuple[bytes, bytes]] = {
     REFETCH: (b"x-cache", MISS),
     BYPASS_MODE: (b"x-cache", BYPASS),
 }
+
+_HEALTH_METHODS = frozenset({b"GET", b"HEAD"})
+_HEALTH_BODY = b'{"status":"ok"}'
+
+
+def answer_health(client: ClientConnection) -> None:
+    """The main listener's own liveness answer (the users' current proxy has one)."""
+    client.start_response(
+        200,
+        b"OK",
+        [(b"content-type", b"application/json"), (b"cache-control", b"no-store"), (b"content-length", b"15")],
+    )
+    if client._method != b"HEAD":
+        client.send_data(_HEALTH_BODY)
+    client.finish_response()
+
 
 # Whatever an exchange relays a response to: a client, or a coalesced fetch.
 Sink = Union[ClientConnection, Fetch]
@@ -73,7 +92,18 @@ class Exchange(ExchangeListener):
     exchange reports a failure before the response to ``handler`` instead.
     """
 
-    __slots__ = ("client", "conn", "done", "response_started", "finished", "body", "handler", "outbound", "sent")
+    __slots__ = (
+        "client",
+        "conn",
+        "done",
+        "response_started",
+        "finished",
+        "body",
+        "handler",
+        "outbound",
+        "sent",
+        "sent_at",
+    )
 
     def __init__(
         self,
@@ -94,10 +124,12 @@ class Exchange(ExchangeListener):
         self.done: Optional[asyncio.Future[None]] = client.loop.create_future() if with_future else None
         self.response_started = False
         self.finished = False
+        self.sent_at = client.loop.time()
 
     def on_response(self, head: ResponseHead) -> None:
         self.response_started = True
         client = self.client
+        client.upstream_ttfb = client.loop.time() - self.sent_at
         client.start_response(head.status, head.reason, client_response_headers(head.headers))
         if client._write_paused:
             self.conn.pause_reading()
@@ -124,6 +156,7 @@ class Exchange(ExchangeListener):
                 self.client.abort_now()
             else:
                 log.warning("upstream response truncated: %s", exc.message)
+                self.handler.metrics.upstream_error("truncated")
                 self.client.abort_truncated()
             if done is not None and not done.done():
                 done.set_result(None)
@@ -153,14 +186,25 @@ class Exchange(ExchangeListener):
 
 class Handler:
     def __init__(
-        self, settings: "Settings", pool: ConnectionPool, cache: Optional[Cache], coalescer: Coalescer
+        self,
+        settings: "Settings",
+        pool: ConnectionPool,
+        cache: Optional[Cache],
+        coalescer: Coalescer,
+        metrics: RequestMetrics,
     ) -> None:
         upstream = settings.upstream
         assert upstream is not None
         self.pool = pool
         self.cache = cache
         self.coalescer = coalescer
+        self.metrics = metrics
         self.router = Router(settings)
+        self.health_path = settings.health_path
+        self.request_ids = settings.request_id
+        # Generated request ids: unique per process (random prefix), cheap per request (a counter).
+        self._rid_prefix = os.urandom(6).hex().encode()
+        self._rid_counter = itertools.count(1)
         self.max_key_body = settings.cache_max_key_body
         self.prefix = upstream.prefix
         self.host_header = upstream.host_header
@@ -170,6 +214,9 @@ class Handler:
 
     def start(self, client: ClientConnection, request: RequestHead, body: RequestBody, framing: RequestFraming) -> None:
         """Called by the client protocol once per request; never blocks."""
+        if request.target == self.health_path and request.method in _HEALTH_METHODS:
+            answer_health(client)
+            return
         if self.router.active:
             plan = self.router.plan(request, framing.has_body)
             if plan is not None:
@@ -392,6 +439,9 @@ class Handler:
     async def handle(
         self, client: ClientConnection, request: RequestHead, body: RequestBody, framing: RequestFraming
     ) -> None:
+        if request.target == self.health_path and request.method in _HEALTH_METHODS:
+            answer_health(client)
+            return
         if self.router.active:
             plan = self.router.plan(request, framing.has_body)
             if plan is not None:
@@ -526,12 +576,21 @@ class Handler:
             framing=framing,
             allow_underscores=self.allow_underscores,
         )
+        if self.request_ids:
+            for name, value in request.headers:
+                if name == b"x-request-id" and 0 < len(value) <= 200:
+                    client.request_id = value
+                    break
+            else:
+                client.request_id = b"%s-%x" % (self._rid_prefix, next(self._rid_counter))
+                headers.append((b"x-request-id", client.request_id))
         return Outbound(
             request.method, target, serialize_request_head(request.method, target, headers), framing.chunked
         )
 
-    @staticmethod
-    def _log_failure(outbound: Outbound, exc: ProxyError) -> None:
+    def _log_failure(self, outbound: Outbound, exc: ProxyError) -> None:
+        if isinstance(exc, UpstreamError):
+            self.metrics.upstream_error(exc.kind)
         if exc.status >= 500:
             log.warning(
                 "%s %s -> %d: %s",

@@ -1,4 +1,4 @@
-"""The proxy's lifecycle: listen, track client connections, drain and stop."""
+"""The proxy's lifecycle: listen, track client connections, observe requests, drain and stop."""
 
 from __future__ import annotations
 
@@ -6,17 +6,26 @@ import asyncio
 import logging
 import socket
 import time
-from typing import Callable, Optional, Set
+from typing import Any, Callable, Dict, Optional, Set
 
 from pyproxy._compat import is_uvloop
+from pyproxy.accesslog import AccessLog
+from pyproxy.admin import AdminServer, AdminSource
 from pyproxy.cache.layer import Cache
-from pyproxy.config import Settings
+from pyproxy.config import ConfigError, Settings
 from pyproxy.dedup import Coalescer
 from pyproxy.handler import Handler
+from pyproxy.health import UpstreamProbe
+from pyproxy.metrics import RequestMetrics, snapshot
+from pyproxy.routing import Endpoints
 from pyproxy.server.protocol import BufferedClientConnection, ClientConnection
 from pyproxy.upstream.pool import ConnectionPool
 
 log = logging.getLogger("pyproxy")
+
+# On shutdown, an idle client connection gets this long to deliver a request
+# that may already be on its way before it is closed.
+DRAIN_IDLE_GRACE = 1.0
 
 
 class Proxy:
@@ -34,7 +43,14 @@ class Proxy:
         self.pool = ConnectionPool(settings.upstream, settings, self.loop)
         self.cache: Optional[Cache] = Cache(settings, self.loop, clock) if settings.cache_enabled else None
         self.coalescer = Coalescer(settings.dedup_replay_bytes, settings.dedup_max_backlog)
-        self.handler = Handler(settings, self.pool, self.cache, self.coalescer)
+        self.metrics = RequestMetrics()
+        self.endpoints = Endpoints(settings)
+        self.handler = Handler(settings, self.pool, self.cache, self.coalescer, self.metrics)
+        self.access_log: Optional[AccessLog] = None
+        self.probe = UpstreamProbe(settings.upstream, settings.health_interval, settings.connect_timeout)
+        self.admin: Optional[AdminServer] = None
+        # Response headers pyproxy adds to every response (X-Request-Id, Server-Timing).
+        self.decorate = settings.request_id or settings.server_timing
         self.connections: Set[ClientConnection] = set()
         self.draining = False
         self.stats_client_errors = 0
@@ -43,19 +59,62 @@ class Proxy:
         self._protocol = ClientConnection if is_uvloop(self.loop) else BufferedClientConnection
         self._all_closed: Optional[asyncio.Event] = None
 
-    async def start(self, sock: Optional[socket.socket] = None) -> None:
-        if sock is not None:
-            self._server = await self.loop.create_server(lambda: self._protocol(self), sock=sock, backlog=2048)
-        else:
+    async def start(self, sock: Optional[socket.socket] = None, *, admin: bool = True) -> None:
+        """Listen (on ``sock`` if given: a worker's inherited socket). ``admin``: run the
+        admin listener and the upstream probe here (a supervisor runs its own instead)."""
+        settings = self.settings
+        if settings.access_log is not None:
+            self.access_log = AccessLog(settings.access_log, settings.access_log_format)
+        try:
+            if sock is not None:
+                self._server = await self.loop.create_server(lambda: self._protocol(self), sock=sock, backlog=2048)
+            else:
+                host, port = self.settings.listen
+                self._server = await self.loop.create_server(
+                    lambda: self._protocol(self), host, port, reuse_address=True, backlog=2048
+                )
+        except OSError as exc:
+            await self._stop_aux()
             host, port = self.settings.listen
-            self._server = await self.loop.create_server(
-                lambda: self._protocol(self), host, port, reuse_address=True, backlog=2048
-            )
+            raise ConfigError(f"--listen {host}:{port}: {exc.strerror or exc}") from None
+        if admin and settings.admin_listen is not None:  # the probe feeds the admin /health only
+            self.probe.start()
+            self.admin = AdminServer(ProxyAdmin(self))
+            try:
+                await self.admin.start(*settings.admin_listen)
+            except OSError as exc:
+                if self._server is not None:
+                    self._server.close()
+                await self._stop_aux()
+                host, port = settings.admin_listen
+                raise ConfigError(f"--admin-listen {host}:{port}: {exc.strerror or exc}") from None
 
     @property
     def port(self) -> int:
         assert self._server is not None and self._server.sockets
         return self._server.sockets[0].getsockname()[1]
+
+    def request_done(self, client: ClientConnection, status: int) -> None:
+        """Once per request, when its response ended (or could not be completed)."""
+        method = _METHODS.get(client._method, "other")
+        endpoint = self.endpoints.name(client._method, client.req_target)
+        duration = self.loop.time() - client.started_at
+        body = client.body
+        bytes_in = body.received if body is not None else 0
+        self.metrics.request_done(endpoint, method, status, duration, client.upstream_ttfb, bytes_in, client.bytes_out)
+        if self.access_log is not None:
+            self.access_log.log(
+                client.client_ip.decode("latin-1"),
+                client._method.decode("latin-1"),
+                client.req_target,
+                status,
+                client.bytes_out,
+                duration,
+                client.upstream_ttfb,
+                client.cache_status.decode("latin-1"),
+                client.dedup_status.decode("latin-1"),
+                client.request_id.decode("latin-1"),
+            )
 
     def connection_opened(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
@@ -80,8 +139,9 @@ class Proxy:
             drain_timeout,
         )
         self._all_closed = asyncio.Event()
+        grace = min(DRAIN_IDLE_GRACE, drain_timeout / 2)
         for conn in list(self.connections):
-            conn.begin_drain()
+            conn.begin_drain(grace)
         if self.connections:
             try:
                 await asyncio.wait_for(self._all_closed.wait(), drain_timeout)
@@ -93,7 +153,42 @@ class Proxy:
         self.pool.close()
         if self.cache is not None:
             await self.cache.close()
+        await self._stop_aux()
         if self._server is not None:
             await self._server.wait_closed()
         # Let the transports' connection_lost callbacks run before the loop ends.
         await asyncio.sleep(0)
+
+    async def _stop_aux(self) -> None:
+        await self.probe.stop()
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+        if self.access_log is not None:
+            self.access_log.close()
+            self.access_log = None
+
+
+_METHODS: Dict[bytes, str] = {
+    m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
+}
+
+
+class ProxyAdmin(AdminSource):
+    """The admin endpoints of one proxy process."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def snapshot(self) -> Dict[str, Any]:
+        return snapshot(self.proxy)
+
+    def health(self) -> Dict[str, Any]:
+        return {"status": "ok", "draining": self.proxy.draining, "upstream": self.proxy.probe.state()}
+
+    def ready(self) -> bool:
+        return not self.proxy.draining
+
+    async def purge(self, path: Optional[bytes], prefix: Optional[bytes]) -> int:
+        cache = self.proxy.cache
+        return await cache.purge(path=path, prefix=prefix) if cache is not None else 0

@@ -21,8 +21,9 @@ from pyproxy.cache.key import (
     parse_json_body,
     request_key,
 )
+from pyproxy.errors import BadRequest
 from pyproxy.http.headers import to_origin_form
-from pyproxy.rules import Rule, find_rule, request_path
+from pyproxy.rules import DEFAULT_ROUTES, Rule, find_rule, request_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from pyproxy.config import Settings
@@ -158,3 +159,29 @@ class Router:
         if cache_mode is None and not coalesce:
             return None
         return Plan(method, target, request.headers, cache_rule, dedup_rule, cache_mode, coalesce, self.identity_names)
+
+
+class Endpoints:
+    """The ``endpoint`` label of metrics: a bounded set of names, never the raw path.
+
+    The first of [[routes]], the cache rules, the dedup rules and the
+    OpenAI-compatible paths that matches names the request; else ``other``.
+    """
+
+    def __init__(self, settings: "Settings") -> None:
+        self.rules = settings.routes + settings.cache_rules + settings.dedup_rules + DEFAULT_ROUTES
+        self._memo: Dict[Tuple[bytes, bytes], str] = {}
+
+    def name(self, method: bytes, target: bytes) -> str:
+        key = (method, target)
+        name = self._memo.get(key)
+        if name is None:
+            try:
+                rule = find_rule(self.rules, method, request_path(to_origin_form(target)))
+            except BadRequest:  # a target the request was refused for
+                rule = None
+            name = rule.name if rule is not None else "other"
+            if len(self._memo) >= ROUTE_MEMO_SIZE:
+                self._memo.clear()
+            self._memo[key] = name
+        return name

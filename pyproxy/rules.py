@@ -15,6 +15,8 @@ CACHE_RULE_KEYS = _COMMON_KEYS | frozenset(
     {"ttl", "stale_while_revalidate", "stale_if_error", "shared", "ignore_fields", "when", "stream"}
 )
 DEDUP_RULE_KEYS = _COMMON_KEYS
+ROUTE_KEYS = _COMMON_KEYS
+ANY_METHOD = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 class RuleError(ValueError):
@@ -60,13 +62,13 @@ def _seconds(where: str, key: str, value: Any) -> float:
     return float(value)
 
 
-def parse_rule(table: Any, where: str, allowed: FrozenSet[str]) -> Rule:
+def parse_rule(table: Any, where: str, allowed: FrozenSet[str], default_methods: Tuple[str, ...] = ("GET",)) -> Rule:
     if not isinstance(table, Mapping):
         raise RuleError(f"{where}: expected a table, got {table!r}")
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise RuleError(f"{where}: unknown key {unknown[0]!r} (expected one of {', '.join(sorted(allowed))})")
-    methods = table.get("methods", ["GET"])
+    methods = table.get("methods", list(default_methods))
     if isinstance(methods, str):
         methods = [methods]
     if not isinstance(methods, list) or not methods or not all(isinstance(m, str) and m.isalpha() for m in methods):
@@ -107,11 +109,22 @@ def parse_rule(table: Any, where: str, allowed: FrozenSet[str]) -> Rule:
     return Rule(**fields)
 
 
-def parse_rules(tables: Any, where: str, allowed: FrozenSet[str]) -> Tuple[Rule, ...]:
+def parse_rules(
+    tables: Any, where: str, allowed: FrozenSet[str], default_methods: Tuple[str, ...] = ("GET",)
+) -> Tuple[Rule, ...]:
     if not isinstance(tables, list):
         raise RuleError(f"{where}: expected an array of tables ([[...]]), got {tables!r}")
-    return tuple(parse_rule(t, f"{where}[{i}]", allowed) for i, t in enumerate(tables))
+    return tuple(parse_rule(t, f"{where}[{i}]", allowed, default_methods) for i, t in enumerate(tables))
 
+
+def _route(path: str) -> Rule:
+    return Rule(methods=frozenset(m.encode() for m in ANY_METHOD), path=path.encode(), prefix=False, name=path)
+
+
+# The endpoint label of metrics for the OpenAI-compatible API, besides [[routes]].
+DEFAULT_ROUTES: Tuple[Rule, ...] = tuple(
+    _route(p) for p in ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+)
 
 # With no [[cache.rules]] configured: the endpoint every LLM client polls.
 DEFAULT_CACHE_RULES: Tuple[Rule, ...] = (

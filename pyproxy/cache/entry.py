@@ -12,6 +12,7 @@ import struct
 from typing import List, Optional, Sequence, Tuple
 
 from pyproxy._compat import json_dumps, json_loads
+from pyproxy.http.compression import gzip_headers, gzip_whole
 from pyproxy.http.fastpath import LAST_CHUNK, chunk_pieces, serialize_response_head
 
 Header = Tuple[bytes, bytes]
@@ -55,6 +56,7 @@ class CachedResponse:
         "vary_values",
         "_head",
         "_framing",
+        "_gzipped",
         "wire",
         "size",
     )
@@ -99,6 +101,7 @@ class CachedResponse:
             self.wire = body
         self._framing = framing
         self._head: Optional[bytes] = None  # serialized on the first hit: many entries never get one
+        self._gzipped: Optional[Tuple[bytes, bytes]] = None  # (head, body) for gzip clients, on first use
         head_size = 16 + len(reason) + sum(len(n) + len(v) + 4 for n, v in headers) + 40
         self.size = head_size + len(self.wire) + len(body) * stream + ENTRY_OVERHEAD
 
@@ -131,13 +134,30 @@ class CachedResponse:
 
     # --- writing -----------------------------------------------------------------------
 
-    def response_head(self, cache_status: bytes, age: int, close: bool) -> bytes:
-        head = self._head
+    def response_head(
+        self, cache_status: bytes, age: int, close: bool, extra: bytes = b"", head: Optional[bytes] = None
+    ) -> bytes:
+        """The head of a response from this entry; ``extra``: whole header lines to add;
+        ``head``: another representation's (the gzip variant's)."""
         if head is None:
-            # Without the last CRLF and the blank line: X-Cache, Age (and Connection) follow.
-            head = self._head = serialize_response_head(self.status, self.reason, self.headers + [self._framing])[:-4]
-        tail = b"\r\nconnection: close\r\n\r\n" if close else b"\r\n\r\n"
-        return b"%s\r\nx-cache: %s\r\nage: %d%s" % (head, cache_status, age, tail)
+            head = self._head
+            if head is None:
+                # Without the last CRLF and the blank line: X-Cache, Age (and Connection) follow.
+                head = self._head = serialize_response_head(self.status, self.reason, self.headers + [self._framing])[
+                    :-4
+                ]
+        tail = b"connection: close\r\n\r\n" if close else b"\r\n"
+        return b"%s\r\nx-cache: %s\r\nage: %d\r\n%s%s" % (head, cache_status, age, extra, tail)
+
+    def gzipped(self, level: int) -> Tuple[bytes, bytes]:
+        """The gzip representation (head without its end, body), made once. It is held
+        besides the entry's own bytes: at most their size again, typically a fifth."""
+        variant = self._gzipped
+        if variant is None:
+            body = gzip_whole(self.body, level)
+            headers = gzip_headers(self.headers) + [(b"content-length", b"%d" % len(body))]
+            variant = self._gzipped = (serialize_response_head(self.status, self.reason, headers)[:-4], body)
+        return variant
 
     def client_headers(self, cache_status: bytes, age: int) -> List[Header]:
         """For an h11-mode client: the headers, framing last as start_response expects."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, CachedResponse, strip_framing
 from pyproxy.cache.policy import Freshness, decide_storage, request_max_age, vary_values
 from pyproxy.cache.store import NEED_AWAIT, CacheStats, MemoryStore
+from pyproxy.http.compression import should_compress
 from pyproxy.rules import Rule
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -99,6 +100,8 @@ class Cache:
         self.stats = CacheStats()
         self.clock = clock
         self.max_object_bytes = settings.cache_max_object_bytes
+        self.gzip_level = settings.gzip_level
+        self.gzip_min_length = settings.gzip_min_length
         self.rules = settings.cache_rules
         self.store: Union[MemoryStore, "RedisStore"]  # noqa: F821
         if settings.cache_backend == "memory":
@@ -142,22 +145,32 @@ class Cache:
             self.stats.hits += 1
         else:
             self.stats.stale += 1
+        client.cache_status = status
         age = int(entry.age(self.clock()))
         if client.writes_raw:
-            head = entry.response_head(status, age, client.closing)
+            extra = b"".join(b"%s: %s\r\n" % header for header in client.response_decorations())
+            gzip_head = None
             wire = entry.wire
+            if client.accepts_gzip and not entry.stream and self._compressible(entry):
+                gzip_head, wire = entry.gzipped(self.gzip_level)
+            head = entry.response_head(status, age, client.closing, extra, gzip_head)
             if head_only or not wire:
-                client.send_prebuilt((head,))
+                client.send_prebuilt((head,), entry.status, 0)
             elif len(wire) <= _JOIN_BODY_BELOW:
-                client.send_prebuilt((head + wire,))
+                client.send_prebuilt((head + wire,), entry.status, len(wire))
             else:
-                client.send_prebuilt((head, wire))
+                client.send_prebuilt((head, wire), entry.status, len(wire))
             return
         client.start_response(entry.status, entry.reason, entry.client_headers(status, age))
         if not head_only:
             for piece in entry.body_pieces():
                 client.send_data(piece)
         client.finish_response()
+
+    def _compressible(self, entry: CachedResponse) -> bool:
+        return should_compress(entry.status, entry.headers, self.gzip_min_length) and len(entry.body) >= (
+            self.gzip_min_length
+        )
 
     def recording(
         self, key: bytes, method: bytes, rule: Optional[Rule], request_headers: Sequence[Header]

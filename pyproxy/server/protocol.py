@@ -35,6 +35,7 @@ from pyproxy.errors import (
     VersionNotSupported,
     error_response_parts,
 )
+from pyproxy.http.compression import GzipStream, accepts_gzip, gzip_headers, should_compress
 from pyproxy.http.fastpath import (
     FALLBACK,
     LAST_CHUNK,
@@ -145,6 +146,18 @@ class ClientConnection(asyncio.Protocol):
         "_method",
         "_framing",
         "_out",
+        # the request being answered, for metrics, the access log and Server-Timing
+        "started_at",
+        "req_target",
+        "request_id",
+        "resp_status",
+        "bytes_out",
+        "upstream_ttfb",
+        "cache_status",
+        "dedup_status",
+        "_observing",
+        "accepts_gzip",
+        "_gzip",
     )
 
     def __init__(self, proxy: "Proxy") -> None:
@@ -173,6 +186,17 @@ class ClientConnection(asyncio.Protocol):
         self._method = b""
         self._framing = _FRAME_NONE
         self._out: List[bytes] = []
+        self.started_at = 0.0
+        self.req_target = b""
+        self.request_id = b""
+        self.resp_status = 0
+        self.bytes_out = 0
+        self.upstream_ttfb = -1.0  # seconds from sending upstream to its response head; -1: none
+        self.cache_status = b"-"
+        self.dedup_status = b"-"
+        self._observing = False
+        self.accepts_gzip = False  # the current request's client takes gzip (and it is on)
+        self._gzip: Optional[GzipStream] = None
 
     # --- asyncio callbacks -----------------------------------------------------------
 
@@ -207,6 +231,9 @@ class ClientConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._observing:
+            # nginx's 499: the client closed the connection before the response was complete.
+            self._observe(self.resp_status if self.response_started else 499)
         if self.body is not None and not self.body.complete:
             self.body.fail(ClientGone())
         exchange = self.exchange
@@ -367,6 +394,16 @@ class ClientConnection(asyncio.Protocol):
         self._method = request.method
         self.busy = True
         self.body = RequestBody(self.loop, self._body_full, self._body_drained)
+        self.started_at = self.loop.time()
+        self.req_target = request.target
+        self.request_id = b""
+        self.resp_status = 0
+        self.bytes_out = 0
+        self.upstream_ttfb = -1.0
+        self.cache_status = self.dedup_status = b"-"
+        self._observing = True
+        settings = self.proxy.settings
+        self.accepts_gzip = settings.gzip and request.method != b"HEAD" and accepts_gzip(request.headers)
         return True
 
     def _body_full(self) -> None:
@@ -403,8 +440,16 @@ class ClientConnection(asyncio.Protocol):
         end with a Content-Length only when the body has a declared length (else:
         chunked); see client_response_headers and error_response_parts."""
         self.response_started = True
+        self.resp_status = status
         if self.closed:
             return
+        if self.accepts_gzip:
+            settings = self.proxy.settings
+            if should_compress(status, headers, settings.gzip_min_length):
+                headers = gzip_headers(headers)
+                self._gzip = GzipStream(settings.gzip_level)
+        if self.proxy.decorate:
+            self._decorate(headers)
         closing = self.must_close or self.proxy.draining
         if self._mode == _H11:
             if closing:
@@ -422,6 +467,36 @@ class ClientConnection(asyncio.Protocol):
             headers.append(_CLOSE_HEADER)
         self._out.append(serialize_response_head(status, reason, headers))
 
+    def _decorate(self, headers: List[Tuple[bytes, bytes]]) -> None:
+        """X-Request-Id (unless the upstream sent its own) and Server-Timing, before a
+        trailing Content-Length (which stays last, by contract)."""
+        extra = self.response_decorations()
+        if self.request_id:
+            for name, _ in headers:
+                if name == b"x-request-id":
+                    extra = [h for h in extra if h[0] != b"x-request-id"]
+                    break
+        if headers and headers[-1][0] == b"content-length":
+            headers[-1:-1] = extra
+        else:
+            headers += extra
+
+    def response_decorations(self) -> List[Tuple[bytes, bytes]]:
+        extra: List[Tuple[bytes, bytes]] = []
+        proxy = self.proxy
+        if self.request_id and proxy.settings.request_id:
+            extra.append((b"x-request-id", self.request_id))
+        if proxy.settings.server_timing:
+            # RFC: W3C Server Timing. pyproxy's own time, and the upstream's time to first byte.
+            total = (self.loop.time() - self.started_at) * 1000.0
+            ttfb = self.upstream_ttfb
+            if ttfb >= 0:
+                ttfb *= 1000.0
+                extra.append((b"server-timing", b"proxy;dur=%.3f, upstream;dur=%.3f" % (max(0.0, total - ttfb), ttfb)))
+            else:
+                extra.append((b"server-timing", b"proxy;dur=%.3f" % total))
+        return extra
+
     @property
     def writes_raw(self) -> bool:
         """Prebuilt response bytes may be written as they are (not in h11 mode)."""
@@ -432,9 +507,11 @@ class ClientConnection(asyncio.Protocol):
         """The connection closes after this response (so it must say Connection: close)."""
         return self.must_close or self.proxy.draining or not self._keep_alive
 
-    def send_prebuilt(self, pieces: Sequence[bytes]) -> None:
+    def send_prebuilt(self, pieces: Sequence[bytes], status: int, body_bytes: int) -> None:
         """A whole response, already serialized with its framing (a cache hit)."""
         self.response_started = True
+        self.resp_status = status
+        self.bytes_out += body_bytes
         self._framing = _FRAME_NONE
         if not self.closed:
             self._out += pieces
@@ -449,6 +526,14 @@ class ClientConnection(asyncio.Protocol):
     def send_data(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._gzip is not None:
+            data = self._gzip.compress(data)
+            if not data:
+                return  # held by the compressor until the next flush
+        self._append_body(data)
+
+    def _append_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
         if self._mode == _H11:
             self._out += self.h11.send_with_data_passthrough(_Data(data=data))  # type: ignore
         elif self._framing == _FRAME_LENGTH:
@@ -457,6 +542,10 @@ class ClientConnection(asyncio.Protocol):
             self._out += chunk_pieces(data)
 
     def flush(self) -> None:
+        if self._gzip is not None and not self.closed:
+            pending = self._gzip.flush()  # so a streamed response stays live
+            if pending:
+                self._append_body(pending)
         out = self._out
         if out:
             self._out = []
@@ -468,6 +557,12 @@ class ClientConnection(asyncio.Protocol):
 
     def finish_response(self) -> None:
         """The response is complete: write its end, then start the next keep-alive cycle."""
+        if self._gzip is not None:
+            if not self.closed:
+                self._append_body(self._gzip.finish())
+            self._gzip = None
+        if self._observing:
+            self._observe(self.resp_status)
         self.exchange = None
         self.task = None
         self.busy = False
@@ -506,6 +601,9 @@ class ClientConnection(asyncio.Protocol):
     def abort_truncated(self) -> None:
         """The upstream broke mid-body: end the connection without completing the message,
         so the client sees a truncated response, never a fake complete one."""
+        if self._observing:
+            self._observe(self.resp_status or 502)
+        self._gzip = None
         self.exchange = None
         self.task = None
         self.busy = False
@@ -514,6 +612,9 @@ class ClientConnection(asyncio.Protocol):
 
     def abort_now(self) -> None:
         """Drop the connection without flushing: its peer is not reading anyway."""
+        if self._observing:
+            self._observe(self.resp_status or 499)
+        self._gzip = None
         self.exchange = None
         self.task = None
         self.busy = False
@@ -533,6 +634,8 @@ class ClientConnection(asyncio.Protocol):
             self.task = None
             self.busy = False
             self.proxy.stats_client_errors += isinstance(exc, BadRequest)
+            if self._observing:
+                self._observe(exc.status)
             self.transport.write(raw_error_response(exc))  # type: ignore[union-attr]
             self.close()
             return
@@ -540,6 +643,10 @@ class ClientConnection(asyncio.Protocol):
         self.start_response(status, HTTPStatus(status).phrase.encode("ascii"), headers)
         self.send_data(body)
         self.finish_response()
+
+    def _observe(self, status: int) -> None:
+        self._observing = False
+        self.proxy.request_done(self, status)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -549,10 +656,20 @@ class ClientConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
 
-    def begin_drain(self) -> None:
-        """Shutdown: an idle connection closes now, a busy one after its response."""
+    def begin_drain(self, grace: float) -> None:
+        """Shutdown: a busy connection closes after its response; an idle one after
+        ``grace`` seconds unless a request arrives meanwhile (answered, then closed).
+        Closing an idle connection at once would lose a request already on its way
+        -- above all on a connection just accepted, whose first request is in flight."""
         self.must_close = True
         if not self.busy and not self.response_started:
+            if grace <= 0:
+                self.close()
+            else:
+                self.loop.call_later(grace, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if not self.busy and not self.response_started and not self._buf:
             self.close()
 
     def _check_idle(self) -> None:

@@ -151,6 +151,7 @@ async def start_cli(*args: str) -> RunningCLI:
         "pyproxy",
         "--listen",
         "127.0.0.1:0",
+        *(() if "--admin-listen" in args else ("--admin-listen", "off")),
         *args,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,

@@ -169,7 +169,8 @@ def parse_raw_response(raw: bytes) -> Response:
 
 
 def make_settings(upstream: str, **overrides: Any) -> Settings:
-    values: Dict[str, Any] = dict(listen=("127.0.0.1", 0), upstream=parse_upstream(upstream))
+    # No admin listener unless a test asks for one (then on port 0): tests run in parallel.
+    values: Dict[str, Any] = dict(listen=("127.0.0.1", 0), upstream=parse_upstream(upstream), admin_listen=None)
     values.update(overrides)
     return Settings(**values)
 

@@ -1,0 +1,277 @@
+"""Request metrics: plain counters on the hot path, Prometheus text at scrape time.
+
+Each finished request costs a few dict and list operations here. The
+exposition is prometheus_client's: a custom collector turns these counters
+(and the pool's, the cache's and the coalescer's) into metric families when
+``/metrics`` is scraped, so the hot path never touches a client library lock.
+With several workers, each worker's ``snapshot()`` is summed by the
+supervisor (``merge_snapshots``).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Sequence, Tuple
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyproxy.proxy import Proxy
+
+# Seconds; the shape of the usual HTTP latency buckets, finer at the low end
+# where a proxy's own time lives.
+DURATION_BUCKETS: Tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+
+
+class Histogram:
+    __slots__ = ("counts", "total", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(DURATION_BUCKETS, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def snapshot(self) -> Dict[str, Any]:
+        return {"counts": list(self.counts), "total": self.total, "count": self.count}
+
+
+class RequestMetrics:
+    """Counters fed once per finished request (see ClientConnection._observe)."""
+
+    def __init__(self) -> None:
+        self.requests: Dict[Tuple[str, str, str], int] = {}
+        self.durations: Dict[Tuple[str, str], Histogram] = {}
+        self.upstream_ttfb: Dict[str, Histogram] = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.upstream_errors: Dict[str, int] = {}
+
+    def request_done(
+        self, endpoint: str, method: str, status: int, duration: float, ttfb: float, bytes_in: int, bytes_out: int
+    ) -> None:
+        key = (endpoint, method, str(status))
+        self.requests[key] = self.requests.get(key, 0) + 1
+        hist = self.durations.get((endpoint, method))
+        if hist is None:
+            hist = self.durations[(endpoint, method)] = Histogram()
+        hist.observe(duration)
+        if ttfb >= 0:
+            up = self.upstream_ttfb.get(endpoint)
+            if up is None:
+                up = self.upstream_ttfb[endpoint] = Histogram()
+            up.observe(ttfb)
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+
+    def upstream_error(self, kind: str) -> None:
+        self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
+
+
+def snapshot(proxy: "Proxy") -> Dict[str, Any]:
+    """Every number /metrics shows, as plain JSON-able data (summable across workers)."""
+    m = proxy.metrics
+    pool = proxy.pool
+    data: Dict[str, Any] = {
+        "requests": [[list(k), v] for k, v in m.requests.items()],
+        "durations": [[list(k), h.snapshot()] for k, h in m.durations.items()],
+        "upstream_ttfb": [[k, h.snapshot()] for k, h in m.upstream_ttfb.items()],
+        "bytes_in": m.bytes_in,
+        "bytes_out": m.bytes_out,
+        "upstream_errors": dict(m.upstream_errors),
+        "client_errors": proxy.stats_client_errors,
+        "in_flight": sum(1 for c in proxy.connections if c.busy),
+        "client_connections": len(proxy.connections),
+        "pool": {
+            "active": len(pool.active),
+            "idle": len(pool.idle),
+            "connecting": pool.connecting,
+            "waiting": len(pool.waiters),
+            **{name: getattr(pool.stats, name) for name in pool.stats.__slots__},
+        },
+        "dedup": proxy.coalescer.stats.as_dict(),
+    }
+    if proxy.cache is not None:
+        data["cache"] = proxy.cache.stats.as_dict()
+    return data
+
+
+def merge_snapshots(snapshots: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Sum worker snapshots: counters and gauges alike (gauges sum across processes)."""
+    merged: Dict[str, Any] = {}
+    requests: Dict[Tuple[str, ...], int] = {}
+    durations: Dict[Tuple[str, ...], Dict[str, Any]] = {}
+    ttfb: Dict[str, Dict[str, Any]] = {}
+    for snap in snapshots:
+        for key, value in snap["requests"]:
+            requests[tuple(key)] = requests.get(tuple(key), 0) + value
+        for key, hist in snap["durations"]:
+            _add_hist(durations, tuple(key), hist)
+        for key, hist in snap["upstream_ttfb"]:
+            _add_hist(ttfb, key, hist)
+        for name in ("bytes_in", "bytes_out", "client_errors", "in_flight", "client_connections"):
+            merged[name] = merged.get(name, 0) + snap[name]
+        for group in ("pool", "dedup", "cache", "upstream_errors"):
+            if group in snap:
+                target = merged.setdefault(group, {})
+                for name, value in snap[group].items():
+                    target[name] = target.get(name, 0) + value
+    merged["requests"] = [[list(k), v] for k, v in requests.items()]
+    merged["durations"] = [[list(k), h] for k, h in durations.items()]
+    merged["upstream_ttfb"] = [[k, h] for k, h in ttfb.items()]
+    return merged
+
+
+def _add_hist(target: Dict[Any, Dict[str, Any]], key: Any, hist: Dict[str, Any]) -> None:
+    into = target.get(key)
+    if into is None:
+        target[key] = {"counts": list(hist["counts"]), "total": hist["total"], "count": hist["count"]}
+        return
+    into["counts"] = [a + b for a, b in zip(into["counts"], hist["counts"])]
+    into["total"] += hist["total"]
+    into["count"] += hist["count"]
+
+
+class SnapshotCollector:
+    """A prometheus_client collector over a snapshot source (one process, or the supervisor's merge)."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source  # () -> snapshot dict
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        snap = self.source()
+        requests = CounterMetricFamily(
+            "proxy_requests",
+            "Requests answered, by endpoint, method and status",
+            labels=["endpoint", "method", "status"],
+        )
+        for (endpoint, method, status), value in snap["requests"]:
+            requests.add_metric([endpoint, method, status], value)
+        yield requests
+        durations = HistogramMetricFamily(
+            "proxy_request_duration_seconds",
+            "Time from a request's head to its response's end",
+            labels=["endpoint", "method"],
+        )
+        for (endpoint, method), hist in snap["durations"]:
+            durations.add_metric([endpoint, method], _buckets(hist), hist["total"])
+        yield durations
+        ttfb = HistogramMetricFamily(
+            "proxy_upstream_ttfb_seconds",
+            "Time from sending a request upstream to its response head",
+            labels=["endpoint"],
+        )
+        for endpoint, hist in snap["upstream_ttfb"]:
+            ttfb.add_metric([endpoint], _buckets(hist), hist["total"])
+        yield ttfb
+        yield _gauge(GaugeMetricFamily, "proxy_requests_in_flight", "Requests being answered", snap["in_flight"])
+        yield _gauge(
+            GaugeMetricFamily, "proxy_client_connections", "Open client connections", snap["client_connections"]
+        )
+        yield _counter(CounterMetricFamily, "proxy_bytes_received", "Request body bytes from clients", snap["bytes_in"])
+        yield _counter(CounterMetricFamily, "proxy_bytes_sent", "Response body bytes to clients", snap["bytes_out"])
+        yield _counter(
+            CounterMetricFamily, "proxy_client_errors", "Malformed requests answered with a 4xx", snap["client_errors"]
+        )
+        errors = CounterMetricFamily("proxy_upstream_errors", "Upstream failures by kind", labels=["kind"])
+        for kind, value in sorted(snap.get("upstream_errors", {}).items()):
+            errors.add_metric([kind], value)
+        yield errors
+        pool = snap["pool"]
+        gauge = GaugeMetricFamily("proxy_upstream_connections", "Upstream connections by state", labels=["state"])
+        for state in ("active", "idle", "connecting"):
+            gauge.add_metric([state], pool[state])
+        yield gauge
+        yield _gauge(
+            GaugeMetricFamily, "proxy_upstream_pool_waiting", "Requests waiting for a connection", pool["waiting"]
+        )
+        for name, help_text in (
+            ("connects", "Upstream connections opened"),
+            ("reuses", "Requests sent on a reused keep-alive connection"),
+            ("connect_errors", "Upstream connections that failed to open"),
+            ("pool_timeouts", "Requests that waited past --pool-timeout"),
+            ("expired", "Idle upstream connections closed by expiry"),
+            ("stale_closed", "Idle upstream connections found closed by the upstream"),
+            ("stale_retries", "Requests retried after a reused connection dropped"),
+        ):
+            yield _counter(CounterMetricFamily, f"proxy_upstream_{name}", help_text, pool[name])
+        cache = snap.get("cache")
+        if cache is not None:
+            lookups = CounterMetricFamily("proxy_cache_requests", "Cache outcomes (X-Cache)", labels=["result"])
+            for result in ("hits", "misses", "stale", "bypass"):
+                lookups.add_metric([result], cache[result])
+            yield lookups
+            for name, help_text in (
+                ("stores", "Responses stored"),
+                ("evictions", "Entries evicted by the memory bounds"),
+                ("too_large", "Responses too large to store"),
+                ("errors", "Cache backend (Redis) errors"),
+                ("refreshes", "Background stale-while-revalidate refreshes"),
+                ("stale_if_error", "Stale entries served because the upstream failed"),
+            ):
+                yield _counter(CounterMetricFamily, f"proxy_cache_{name}", help_text, cache[name])
+            yield _gauge(
+                GaugeMetricFamily, "proxy_cache_bytes", "Bytes held by the memory cache", cache["bytes_stored"]
+            )
+            yield _gauge(GaugeMetricFamily, "proxy_cache_entries", "Entries in the memory cache", cache["entries"])
+        dedup = snap["dedup"]
+        for name, help_text in (
+            ("leaders", "Upstream fetches others could join"),
+            ("followers", "Requests served by another request's fetch"),
+            ("replays", "Followers that joined mid-response"),
+            ("dropped_slow", "Coalesced clients disconnected for falling behind"),
+        ):
+            yield _counter(CounterMetricFamily, f"proxy_dedup_{name}", help_text, dedup[name])
+        yield _gauge(GaugeMetricFamily, "proxy_dedup_in_flight", "Coalescable fetches in flight", dedup["in_flight"])
+
+
+def _buckets(hist: Dict[str, Any]) -> List[Tuple[str, float]]:
+    out, running = [], 0
+    for bound, count in zip(list(DURATION_BUCKETS) + [float("inf")], hist["counts"]):
+        running += count
+        out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+    return out
+
+
+def _gauge(cls: Any, name: str, help_text: str, value: float) -> Any:
+    family = cls(name, help_text)
+    family.add_metric([], value)
+    return family
+
+
+def _counter(cls: Any, name: str, help_text: str, value: float) -> Any:
+    family = cls(name, help_text)
+    family.add_metric([], value)
+    return family
+
+
+def render(source: Any) -> Tuple[bytes, str]:
+    """The Prometheus text exposition of a snapshot source, and its content type."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(source))
+    return generate_latest(registry), CONTENT_TYPE_LATEST

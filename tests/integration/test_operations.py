@@ -1,0 +1,315 @@
+"""Operations: the admin listener, metrics after known traffic, health and readiness,
+the access log, request ids, Server-Timing and gzip."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import re
+import zlib
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import h11
+
+from tests.support.client import Client, request, running_proxy, wait_until
+from tests.support.origin import MODELS_BODY, Origin, Received, Reply
+
+ADMIN = dict(admin_listen=("127.0.0.1", 0))
+
+
+def metric(text: str, name: str, labels: Optional[Dict[str, str]] = None) -> float:
+    """One sample's value from Prometheus text, 0 if absent."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        match = re.match(r"^([a-zA-Z_:][\w:]*)(\{(.*)\})? (\S+)$", line)
+        if match is None or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(3) or ""))
+        if all(found.get(k) == v for k, v in (labels or {}).items()):
+            return float(match.group(4))
+    return 0.0
+
+
+async def admin_get(port: int, path: str) -> Tuple[int, bytes]:
+    resp = await request(port, b"GET", path.encode())
+    return resp.status, resp.body
+
+
+async def test_metrics_count_known_traffic_exactly() -> None:
+    async with Origin() as origin, running_proxy(origin.url, **ADMIN) as proxy:
+        assert proxy.admin is not None
+        for _ in range(3):
+            assert (await request(proxy.port, b"GET", b"/v1/models")).status == 200
+        for _ in range(2):
+            assert (await request(proxy.port, b"POST", b"/v1/chat/completions", body=b"{}")).status == 404
+        assert (await request(proxy.port, b"GET", b"/some/raw/path?id=123")).status == 404
+        status, body = await admin_get(proxy.admin.port, "/metrics")
+        assert status == 200
+        text = body.decode()
+        get_models = {"endpoint": "/v1/models", "method": "GET", "status": "200"}
+        assert metric(text, "proxy_requests_total", get_models) == 3
+        chat = {"endpoint": "/v1/chat/completions", "method": "POST", "status": "404"}
+        assert metric(text, "proxy_requests_total", chat) == 2
+        # The raw path never becomes a label value.
+        assert metric(text, "proxy_requests_total", {"endpoint": "other", "method": "GET", "status": "404"}) == 1
+        assert "/some/raw/path" not in text
+        assert metric(text, "proxy_request_duration_seconds_count", {"endpoint": "/v1/models", "method": "GET"}) == 3
+        # Two of the three model requests were cache hits: one upstream call, one TTFB sample.
+        assert metric(text, "proxy_upstream_ttfb_seconds_count", {"endpoint": "/v1/models"}) == 1
+        assert metric(text, "proxy_cache_requests_total", {"result": "hits"}) == 2
+        # Misses: the first model list, and the GET of the raw path (every GET is looked up).
+        assert metric(text, "proxy_cache_requests_total", {"result": "misses"}) == 2
+        assert metric(text, "proxy_bytes_sent_total") >= 3 * len(MODELS_BODY)
+        assert metric(text, "proxy_bytes_received_total") == 4  # two bodies of "{}"
+        assert metric(text, "proxy_upstream_connects_total") == 1
+        assert metric(text, "proxy_upstream_connections", {"state": "idle"}) == 1
+        assert metric(text, "proxy_requests_in_flight") == 0
+        assert "proxy_dedup_followers_total" in text and "proxy_cache_bytes" in text
+
+
+async def test_upstream_errors_are_counted_by_kind() -> None:
+    async with Origin() as origin:
+        dead = origin.url
+    async with running_proxy(dead, **ADMIN) as proxy:
+        assert (await request(proxy.port, b"GET", b"/x")).status == 502
+        assert proxy.admin is not None
+        _, body = await admin_get(proxy.admin.port, "/metrics")
+        assert metric(body.decode(), "proxy_upstream_errors_total", {"kind": "connect"}) == 1
+        assert metric(body.decode(), "proxy_requests_total", {"endpoint": "other", "status": "502"}) == 1
+
+
+async def test_health_ready_and_drain() -> None:
+    async with Origin() as origin:
+        gate = asyncio.Event()
+
+        @origin.route(b"/slow")
+        async def slow(req: Received, reply: Reply) -> None:
+            await gate.wait()
+            await reply.full(200, b"done")
+
+        async with running_proxy(origin.url, **ADMIN) as proxy:
+            assert proxy.admin is not None
+            admin = proxy.admin.port
+            await wait_until(lambda: proxy.probe.reachable is True)
+            status, body = await admin_get(admin, "/health")
+            health = json.loads(body)
+            assert status == 200 and health["status"] == "ok" and health["upstream"]["reachable"] is True
+            assert (await admin_get(admin, "/ready"))[0] == 200
+            # The main listener answers /health itself, without the upstream.
+            main_health = await request(proxy.port, b"GET", b"/health")
+            assert main_health.status == 200 and main_health.json() == {"status": "ok"}
+            assert not any(r.target == b"/health" for r in origin.requests)
+
+            in_flight = asyncio.ensure_future(request(proxy.port, b"GET", b"/slow"))
+            await wait_until(lambda: any(r.target == b"/slow" for r in origin.requests))
+            stopping = asyncio.ensure_future(proxy.stop(drain_timeout=10))
+            await wait_until(lambda: proxy.draining)
+            status, body = await admin_get(admin, "/ready")
+            assert status == 503 and json.loads(body) == {"ready": False}
+            assert (await admin_get(admin, "/health"))[0] == 200  # alive while draining
+            gate.set()
+            resp = await in_flight
+            assert resp.status == 200 and resp.body == b"done"
+            await stopping
+
+
+async def test_admin_purge_and_bad_admin_requests() -> None:
+    async with Origin() as origin, running_proxy(origin.url, **ADMIN) as proxy:
+        assert proxy.admin is not None
+        admin = proxy.admin.port
+        await request(proxy.port, b"GET", b"/v1/models")
+        assert (await request(proxy.port, b"GET", b"/v1/models")).header(b"x-cache") == b"HIT"
+        resp = await request(admin, b"POST", b"/cache/purge", body=b'{"path": "/v1/models"}')
+        assert resp.status == 200 and resp.json() == {"purged": 1}
+        assert (await request(proxy.port, b"GET", b"/v1/models")).header(b"x-cache") == b"MISS"
+        assert (await request(admin, b"POST", b"/cache/purge?all=true")).json() == {"purged": 1}
+        assert (await request(admin, b"POST", b"/cache/purge")).status == 400  # say what to purge
+        assert (await request(admin, b"POST", b"/cache/purge", body=b"{nope")).status == 400
+        assert (await request(admin, b"GET", b"/cache/purge")).status == 405
+        assert (await request(admin, b"GET", b"/nothing")).status == 404
+        assert not any(r.target.startswith(b"/cache") for r in origin.requests)  # never proxied
+
+
+async def test_request_id_propagated_or_generated_and_server_timing() -> None:
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        mine = await request(proxy.port, b"GET", b"/echo", [(b"x-request-id", b"abc-123")])
+        assert mine.header(b"x-request-id") == b"abc-123"
+        sent = dict((k.lower(), v) for k, v in mine.json()["headers"])
+        assert sent["x-request-id"] == "abc-123"
+        generated = [await request(proxy.port, b"GET", b"/echo") for _ in range(3)]
+        ids = [r.header(b"x-request-id") for r in generated]
+        assert all(ids) and len(set(ids)) == 3
+        assert [dict((k.lower(), v) for k, v in r.json()["headers"])["x-request-id"].encode() for r in generated] == ids
+        timing = generated[0].header(b"server-timing")
+        assert timing is not None and re.fullmatch(rb"proxy;dur=[\d.]+, upstream;dur=[\d.]+", timing)
+        hit = await request(proxy.port, b"GET", b"/v1/models")
+        hit = await request(proxy.port, b"GET", b"/v1/models")
+        assert hit.header(b"x-cache") == b"HIT" and re.fullmatch(
+            rb"proxy;dur=[\d.]+", hit.header(b"server-timing") or b""
+        )
+        assert hit.header(b"x-request-id")
+
+        # An upstream that sends its own X-Request-Id keeps it (no duplicate header).
+        @origin.route(b"/own-id")
+        async def own(req: Received, reply: Reply) -> None:
+            await reply.full(200, b"{}", [(b"x-request-id", b"req_upstream")])
+
+        own_id = await request(proxy.port, b"GET", b"/own-id")
+        assert [v for k, v in own_id.headers if k == b"x-request-id"] == [b"req_upstream"]
+    async with Origin() as origin, running_proxy(origin.url, request_id=False, server_timing=False) as proxy:
+        plain = await request(proxy.port, b"GET", b"/echo")
+        assert plain.header(b"x-request-id") is None and plain.header(b"server-timing") is None
+        assert "x-request-id" not in {k.lower() for k, _ in plain.json()["headers"]}
+
+
+async def read_log_lines(path: Path, count: int) -> List[str]:
+    lines: List[str] = []
+
+    def enough() -> bool:
+        nonlocal lines
+        lines = path.read_text().splitlines() if path.exists() else []
+        return len(lines) >= count
+
+    await wait_until(enough)
+    return lines
+
+
+async def test_access_log_json_fields_and_redaction(tmp_path: Path) -> None:
+    log_file = tmp_path / "access.log"
+    async with Origin() as origin, running_proxy(origin.url, access_log=str(log_file)) as proxy:
+        await request(proxy.port, b"GET", b"/v1/models", [(b"authorization", b"Bearer sk-SECRET")])
+        await request(proxy.port, b"GET", b"/v1/models", [(b"authorization", b"Bearer sk-SECRET")])
+        await request(proxy.port, b"GET", b"/echo?api_key=sk-SECRET2&q=1", [(b"x-request-id", b"rid-7")])
+        lines = await read_log_lines(log_file, 3)
+    records = [json.loads(line) for line in lines]
+    first, second, third = records
+    assert set(first) == {
+        "time", "client", "method", "path", "status", "bytes", "duration_ms", "upstream_ttfb_ms", "cache", "dedup",
+        "request_id",
+    }  # fmt: skip
+    assert (first["method"], first["path"], first["status"], first["client"]) == ("GET", "/v1/models", 200, "127.0.0.1")
+    assert first["bytes"] == len(MODELS_BODY) and first["cache"] == "MISS" and first["dedup"] == "leader"
+    assert first["upstream_ttfb_ms"] is not None and first["duration_ms"] >= first["upstream_ttfb_ms"]
+    assert second["cache"] == "HIT" and second["upstream_ttfb_ms"] is None
+    assert third["request_id"] == "rid-7" and third["path"] == "/echo?api_key=[redacted]&q=1"
+    assert "SECRET" not in log_file.read_text()
+
+
+async def test_access_log_common_format(tmp_path: Path) -> None:
+    log_file = tmp_path / "access.log"
+    async with (
+        Origin() as origin,
+        running_proxy(origin.url, access_log=str(log_file), access_log_format="common") as proxy,
+    ):
+        await request(proxy.port, b"GET", b"/v1/models")
+        (line,) = await read_log_lines(log_file, 1)
+    assert re.fullmatch(
+        r'127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] "GET /v1/models HTTP/1\.1" 200 \d+ '
+        r"rt=[\d.]+ uct=[\d.]+ cache=MISS dedup=leader rid=\S+",
+        line,
+    ), line
+
+
+GZIP = [(b"accept-encoding", b"gzip, deflate")]
+
+
+async def test_gzip_rules() -> None:
+    big_json = json.dumps({"data": ["token"] * 500}).encode()
+    async with Origin() as origin, running_proxy(origin.url, cache_enabled=False) as proxy:
+
+        @origin.route(b"/json")
+        async def json_route(req: Received, reply: Reply) -> None:
+            await reply.full(200, big_json, [(b"content-type", b"application/json"), (b"etag", b'"v1"')])
+
+        @origin.route(b"/small")
+        async def small(req: Received, reply: Reply) -> None:
+            await reply.full(200, b'{"a": 1}')
+
+        @origin.route(b"/png")
+        async def png(req: Received, reply: Reply) -> None:
+            await reply.full(200, b"\x89PNG" + b"\x00" * 5000, [(b"content-type", b"image/png")])
+
+        @origin.route(b"/encoded")
+        async def encoded(req: Received, reply: Reply) -> None:
+            body = gzip.compress(big_json)
+            await reply.full(200, body, [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")])
+
+        @origin.route(b"/notransform")
+        async def notransform(req: Received, reply: Reply) -> None:
+            await reply.full(
+                200, big_json, [(b"content-type", b"application/json"), (b"cache-control", b"no-transform")]
+            )
+
+        resp = await request(proxy.port, b"GET", b"/json", GZIP)
+        assert resp.header(b"content-encoding") == b"gzip" and resp.header(b"content-length") is None
+        assert gzip.decompress(resp.body) == big_json and len(resp.body) < len(big_json) // 5
+        assert resp.header(b"vary") == b"Accept-Encoding" and resp.header(b"etag") == b'W/"v1"'
+        # Not asked for, too small, not textual, already encoded, no-transform: untouched.
+        assert (await request(proxy.port, b"GET", b"/json")).header(b"content-encoding") is None
+        for path in (b"/small", b"/png", b"/notransform"):
+            assert (await request(proxy.port, b"GET", path, GZIP)).header(b"content-encoding") is None, path
+        double = await request(proxy.port, b"GET", b"/encoded", GZIP)
+        assert gzip.decompress(double.body) == big_json  # compressed once, by the upstream
+        refused = await request(proxy.port, b"GET", b"/json", [(b"accept-encoding", b"gzip;q=0, br")])
+        assert refused.header(b"content-encoding") is None
+        head = await request(proxy.port, b"HEAD", b"/json", GZIP)
+        assert head.header(b"content-encoding") is None and head.body == b""
+    async with Origin() as origin, running_proxy(origin.url, gzip=False, cache_enabled=False) as proxy:
+        origin.routes[b"/json"] = json_route
+        assert (await request(proxy.port, b"GET", b"/json", GZIP)).header(b"content-encoding") is None
+
+
+async def test_sse_is_never_compressed_and_chunked_streams_stay_incremental() -> None:
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        sse = await request(proxy.port, b"GET", b"/sse?n=3&interval=0.001", GZIP)
+        assert sse.header(b"content-encoding") is None and sse.body.count(b"data: ") == 4
+
+        release = asyncio.Event()
+
+        @origin.route(b"/ndjson")
+        async def ndjson(req: Received, reply: Reply) -> None:
+            await reply.head(200, [(b"content-type", b"application/x-ndjson")])
+            await reply.data(b'{"part": 1, "text": "' + b"x" * 2000 + b'"}\n')
+            await release.wait()
+            await reply.data(b'{"part": 2}\n')
+            await reply.end()
+
+        async with await Client.connect(proxy.port) as client:
+            await client.send_request(b"GET", b"/ndjson", GZIP)
+            head = await client.read_head()
+            assert dict(head.headers).get(b"content-encoding") == b"gzip"
+            decoder = zlib.decompressobj(31)
+            received = b""
+            # The first part must be decodable before the upstream sends the second.
+            while b"\n" not in received:
+                event = await asyncio.wait_for(client.next_event(), 5)
+                assert isinstance(event, h11.Data)
+                received += decoder.decompress(event.data)
+            assert received.startswith(b'{"part": 1')
+            release.set()
+            while True:
+                event = await asyncio.wait_for(client.next_event(), 5)
+                if isinstance(event, h11.EndOfMessage):
+                    break
+                received += decoder.decompress(event.data)
+            assert received.endswith(b'{"part": 2}\n') and decoder.eof
+
+
+async def test_cache_hits_are_gzipped_for_clients_that_accept_it() -> None:
+    big = json.dumps({"data": [{"id": f"model-{i}", "object": "model"} for i in range(100)]}).encode()
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+
+        @origin.route(b"/v1/models")
+        async def models(req: Received, reply: Reply) -> None:
+            await reply.full(200, big)
+
+        miss = await request(proxy.port, b"GET", b"/v1/models", GZIP)
+        plain_hit = await request(proxy.port, b"GET", b"/v1/models")
+        gzip_hit = await request(proxy.port, b"GET", b"/v1/models", GZIP)
+        assert gzip.decompress(miss.body) == big and plain_hit.body == big
+        assert gzip_hit.header(b"x-cache") == b"HIT" and gzip_hit.header(b"content-encoding") == b"gzip"
+        assert gzip.decompress(gzip_hit.body) == big
+        assert int(gzip_hit.header(b"content-length") or 0) == len(gzip_hit.body)

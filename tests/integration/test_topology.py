@@ -1,0 +1,177 @@
+"""The deploy topology without containers: three pyproxy processes behind Debian's nginx
+(running deploy/nginx.conf), sharing Debian's redis-server, all on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import yaml
+
+from tests.integration.test_cli import ROOT, _env
+from tests.support.client import request
+from tests.support.origin import MODELS_BODY, Origin
+from tests.support.redis_server import RedisServer, free_port
+
+DEPLOY = ROOT / "deploy"
+AUTH = [(b"authorization", b"Bearer sk-topology")]
+
+
+def nginx_binary() -> str:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(binary):
+        raise RuntimeError("nginx is not installed (apt-get install -y nginx)")
+    return binary
+
+
+def local_nginx_conf(workdir: Path, instance_ports: List[int], listen_port: int) -> Path:
+    """deploy/nginx.conf with the compose host names pointed at loopback ports, and the
+    process-level paths (pid, logs, temp files) inside the test's directory."""
+    conf = (DEPLOY / "nginx.conf").read_text()
+    for i, port in enumerate(instance_ports, start=1):
+        assert f"pyproxy{i}:8080" in conf
+        conf = conf.replace(f"pyproxy{i}:8080", f"127.0.0.1:{port}")
+    assert "listen 8000;" in conf
+    conf = conf.replace("listen 8000;", f"listen 127.0.0.1:{listen_port};")
+    temp = workdir / "temp"
+    temp.mkdir(exist_ok=True)
+    temp.chmod(0o777)
+    conf = conf.replace(
+        "http {",
+        "http {\n"
+        + "".join(
+            f"  {kind}_temp_path {temp}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        ),
+        1,
+    )
+    head = f"daemon off;\nmaster_process on;\npid {workdir}/nginx.pid;\nerror_log {workdir}/error.log warn;\n"
+    path = workdir / "nginx.conf"
+    path.write_text(head + conf)
+    return path
+
+
+def test_compose_file_describes_the_topology() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services: Dict[str, dict] = compose["services"]
+    assert set(services) == {"redis", "pyproxy1", "pyproxy2", "pyproxy3", "nginx"}
+    for name in ("pyproxy1", "pyproxy2", "pyproxy3"):
+        service = services[name]
+        build = service["build"]
+        assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == ROOT / "Dockerfile.pypy"
+        assert service["environment"]["PYPROXY_CACHE_BACKEND"] == "redis://redis:6379/0"
+        assert service["environment"]["PYPROXY_LISTEN"] == "0.0.0.0:8080"
+        assert "redis" in service["depends_on"]
+    assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in services["nginx"]["volumes"]
+    dockerfile = (ROOT / "Dockerfile.pypy").read_text()
+    assert "FROM debian:bookworm" in dockerfile and "pypy3" in dockerfile
+    assert "USER pyproxy" in dockerfile and "HEALTHCHECK" in dockerfile and "/health" in dockerfile
+    assert 'ENTRYPOINT ["pypy3", "-m", "pyproxy"]' in dockerfile
+
+
+def test_nginx_accepts_the_deploy_config(tmp_path: Path) -> None:
+    conf = local_nginx_conf(tmp_path, [free_port() for _ in range(3)], free_port())
+    result = subprocess.run([nginx_binary(), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+async def start_instance(upstream: str, port: int, redis_url: str) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pyproxy", "--upstream", upstream, "--listen", f"127.0.0.1:{port}",
+        "--admin-listen", "off", "--cache-backend", redis_url, "--log-level", "warning",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=_env(), cwd=str(ROOT),
+    )  # fmt: skip
+    return process
+
+
+async def wait_listening(port: int, timeout: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            assert loop.time() < deadline, f"nothing listening on {port}"
+            await asyncio.sleep(0.05)
+
+
+async def test_three_instances_behind_nginx_share_redis_and_survive_a_kill(tmp_path: Path) -> None:
+    ports = [free_port() for _ in range(3)]
+    lb_port = free_port()
+    conf = local_nginx_conf(tmp_path, ports, lb_port)
+    async with RedisServer() as redis, Origin() as origin:
+        instances = [await start_instance(origin.url, port, redis.url) for port in ports]
+        nginx = subprocess.Popen(
+            [nginx_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            for port in ports + [lb_port]:
+                await wait_listening(port)
+            # Cached through one instance, a hit through another.
+            first = await request(ports[0], b"GET", b"/v1/models", AUTH)
+            assert first.header(b"x-cache") == b"MISS" and first.body == MODELS_BODY
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while int((await redis.command(b"DBSIZE"))[1:]) < 1:
+                assert loop.time() < deadline, "the entry never reached redis"
+                await asyncio.sleep(0.01)
+            second = await request(ports[1], b"GET", b"/v1/models", AUTH)
+            assert second.header(b"x-cache") == b"HIT" and second.body == MODELS_BODY
+            through_lb = await request(lb_port, b"GET", b"/v1/models", AUTH)
+            assert through_lb.header(b"x-cache") == b"HIT" and through_lb.body == MODELS_BODY
+            assert sum(1 for r in origin.requests if r.target == b"/v1/models") == 1
+
+            # Load through nginx; one instance is killed in the middle; nginx retries
+            # what it can (GETs) on the others, so no request fails.
+            stop = asyncio.Event()
+            ok = [0]
+            failures: List[str] = []
+
+            async def client_loop(n: int) -> None:
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    try:
+                        resp = await request(lb_port, b"GET", b"/echo?c=%d&i=%d" % (n, i))
+                        if resp.status == 200 and resp.complete:
+                            ok[0] += 1
+                        else:
+                            failures.append(f"{resp.status} {resp.body[:60]!r}")
+                    except OSError as exc:
+                        failures.append(repr(exc))
+
+            loops = [asyncio.ensure_future(client_loop(n)) for n in range(6)]
+            while ok[0] < 100:
+                await asyncio.sleep(0.01)
+            instances[1].send_signal(signal.SIGKILL)
+            await instances[1].wait()
+            before = ok[0]
+            while ok[0] < before + 200:
+                await asyncio.sleep(0.01)
+            stop.set()
+            await asyncio.gather(*loops)
+            assert failures == [], failures[:5]
+        finally:
+            nginx.send_signal(signal.SIGQUIT)
+            try:
+                nginx.wait(15)
+            except subprocess.TimeoutExpired:
+                nginx.kill()
+                nginx.wait()
+            for process in instances:
+                if process.returncode is None:
+                    process.send_signal(signal.SIGTERM)
+            for process in instances:
+                try:
+                    await asyncio.wait_for(process.wait(), 30)
+                except asyncio.TimeoutError:
+                    process.kill()
+                    await process.wait()

@@ -1,0 +1,170 @@
+"""--workers: a supervisor and worker processes, run as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+from typing import Any, Dict, List
+
+from tests.integration.test_cli import ROOT, _env
+from tests.integration.test_operations import metric
+from tests.support.client import request
+from tests.support.origin import MODELS_BODY, Origin
+from tests.support.redis_server import free_port
+
+
+class Supervised:
+    def __init__(self, process: asyncio.subprocess.Process, port: int, admin: int, log: List[str]) -> None:
+        self.process = process
+        self.port = port
+        self.admin = admin
+        self.log = log
+        self._reader = asyncio.ensure_future(self._read_log())
+
+    async def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        while True:
+            line = await self.process.stderr.readline()
+            if not line:
+                return
+            self.log.append(line.decode())
+
+    async def wait_for_log(self, pattern: str, timeout: float = 60.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not any(re.search(pattern, line) for line in self.log):
+            assert loop.time() < deadline, f"no log line matching {pattern!r}: {self.log[-20:]}"
+            await asyncio.sleep(0.02)
+
+    async def health(self) -> Dict[str, Any]:
+        return (await request(self.admin, b"GET", b"/health")).json()
+
+    async def stop(self) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(self.process.wait(), 60)
+        finally:
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        return code
+
+
+async def start_supervised(upstream: str, *args: str) -> Supervised:
+    admin = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pyproxy", "--upstream", upstream, "--listen", "127.0.0.1:0",
+        "--admin-listen", f"127.0.0.1:{admin}", "--drain-timeout", "20", *args,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=_env(), cwd=str(ROOT),
+    )  # fmt: skip
+    assert process.stderr is not None
+    log: List[str] = []
+    while True:
+        line = (await asyncio.wait_for(process.stderr.readline(), 60)).decode()
+        if not line:
+            raise AssertionError(f"the supervisor did not start: {log}")
+        log.append(line)
+        match = re.search(r"workers accepting on 127\.0\.0\.1:(\d+)", line)
+        if match:
+            return Supervised(process, int(match.group(1)), admin, log)
+
+
+async def test_workers_serve_share_metrics_and_restart_after_a_crash() -> None:
+    async with Origin() as origin:
+        sup = await start_supervised(origin.url, "--workers", "2")
+        try:
+            health = await sup.health()
+            assert health["workers"] == 2 and len(health["worker_pids"]) == 2
+            for _ in range(20):
+                resp = await request(sup.port, b"GET", b"/v1/models", [(b"authorization", b"Bearer k")])
+                assert resp.status == 200 and resp.body == MODELS_BODY
+            text = (await request(sup.admin, b"GET", b"/metrics")).body.decode()
+            labels = {"endpoint": "/v1/models", "method": "GET", "status": "200"}
+            assert metric(text, "proxy_requests_total", labels) == 20  # summed over both workers
+
+            victim = health["worker_pids"][0]
+            os.kill(victim, signal.SIGKILL)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while True:
+                pids = (await sup.health())["worker_pids"]
+                if len(pids) == 2 and victim not in pids:
+                    break
+                assert loop.time() < deadline, pids
+                await asyncio.sleep(0.05)
+            await sup.wait_for_log(rf"worker {victim} exited")
+            for _ in range(10):
+                assert (await request(sup.port, b"GET", b"/v1/models")).status == 200
+        finally:
+            assert await sup.stop() == 0
+
+
+async def load_loop(port: int, stop: asyncio.Event, results: Dict[str, int], failures: List[str]) -> None:
+    """Requests back to back until told to stop, each on a new connection: a request
+    that fails is a failure, there is no retry to hide it."""
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            data = await asyncio.wait_for(reader.read(), 20)
+            writer.close()
+            if not data.startswith(b"HTTP/1.1 200"):
+                failures.append(repr(data[:80]))
+            else:
+                results["ok"] += 1
+        except (OSError, asyncio.TimeoutError) as exc:
+            failures.append(repr(exc))
+
+
+async def test_sighup_reload_under_load_drops_nothing(tmp_path: Any) -> None:
+    config = tmp_path / "pyproxy.toml"
+    config.write_text("keepalive_connections = 10\n")
+    async with Origin() as origin:
+        sup = await start_supervised(origin.url, "--workers", "2", "--config", str(config))
+        try:
+            before = set((await sup.health())["worker_pids"])
+            stop = asyncio.Event()
+            results = {"ok": 0}
+            failures: List[str] = []
+            loops = [asyncio.ensure_future(load_loop(sup.port, stop, results, failures)) for _ in range(8)]
+            await asyncio.sleep(0.5)
+            config.write_text("keepalive_connections = 20\n")
+            sup.process.send_signal(signal.SIGHUP)
+            await sup.wait_for_log(r"reload 1: 2 new workers accepting, 2 old draining")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while set((await sup.health())["worker_pids"]) & before:
+                assert loop.time() < deadline, "the old workers did not finish draining"
+                await asyncio.sleep(0.05)
+            served_during = results["ok"]
+            await asyncio.sleep(0.5)
+            stop.set()
+            await asyncio.gather(*loops)
+            assert failures == [], failures[:5]
+            assert served_during > 50 and results["ok"] > served_during
+        finally:
+            assert await sup.stop() == 0
+
+
+async def test_bad_config_on_reload_keeps_the_running_workers(tmp_path: Any) -> None:
+    config = tmp_path / "pyproxy.toml"
+    config.write_text("read_timeout = 30\n")
+    async with Origin() as origin:
+        sup = await start_supervised(origin.url, "--workers", "1", "--config", str(config))
+        try:
+            pids = (await sup.health())["worker_pids"]
+            config.write_text("read_timeout = 'soon'\n")
+            sup.process.send_signal(signal.SIGHUP)
+            await sup.wait_for_log("reload refused")
+            assert (await sup.health())["worker_pids"] == pids
+            assert (await request(sup.port, b"GET", b"/v1/models")).status == 200
+            assert json.loads((await request(sup.admin, b"GET", b"/ready")).body) == {"ready": True}
+        finally:
+            assert await sup.stop() == 0
