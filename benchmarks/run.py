@@ -408,6 +408,8 @@ def start_target(
     # Every proxy may hold 1000 upstream connections, so 500 SSE streams are
     # truly concurrent everywhere (nginx has no limit; the defaults would queue).
     pool = ["--pool-connections", "1000", "--keepalive-connections", "100"]
+    # Several instances run at once (SSE has its own): no admin listeners to collide.
+    pool += ["--admin-listen", "off"]
     if name == "pyproxy-pypy":
         argv = [
             pypy,
