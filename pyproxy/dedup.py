@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 
 from pyproxy.cache.policy import vary_names, vary_values
 from pyproxy.errors import ProxyError
+from pyproxy.server.protocol import abandon
 
 if TYPE_CHECKING:  # pragma: no cover
     import asyncio
@@ -197,14 +198,7 @@ class Fetch:
         """Nobody wants the response any more: close the upstream so it stops generating."""
         self.finished = True
         self.coalescer.remove(self)
-        exchange = self.exchange
-        self.exchange = None
-        if exchange is not None:
-            exchange.client_gone()
-        task = self.task
-        self.task = None
-        if task is not None and not task.done():
-            task.cancel()
+        abandon(self)
 
     def subscriber_paused(self) -> None:
         if all(s.paused for s in self.subscribers):

@@ -54,6 +54,7 @@ _CACHE_HEADERS: Dict[Optional[str], Tuple[bytes, bytes]] = {
 }
 
 _HEALTH_METHODS = frozenset({b"GET", b"HEAD"})
+ANSWERED: Plan = Plan.__new__(Plan)  # a sentinel: the request needs nothing more
 _HEALTH_BODY = b'{"status":"ok"}'
 
 
@@ -212,19 +213,25 @@ class Handler:
 
     # --- entry point ---------------------------------------------------------------------
 
-    def start(self, client: ClientConnection, request: RequestHead, body: RequestBody, framing: RequestFraming) -> None:
-        """Called by the client protocol once per request; never blocks."""
+    def _preroute(self, client: ClientConnection, request: RequestHead, framing: RequestFraming) -> Optional[Plan]:
+        """The layers' plan for a request, or None for the plain relay. A health check
+        is answered here and yields ANSWERED."""
         if request.target == self.health_path and request.method in _HEALTH_METHODS:
             answer_health(client)
-            return
-        if self.router.active:
-            plan = self.router.plan(request, framing.has_body)
-            if plan is not None:
-                if body.complete and body.error is None:
-                    self._keyed(client, request, framing, body, plan, body.take_buffered())
-                else:
-                    client.task = client.loop.create_task(self._keyed_task(client, request, body, framing, plan))
+            return ANSWERED
+        return self.router.plan(request, framing.has_body) if self.router.active else None
+
+    def start(self, client: ClientConnection, request: RequestHead, body: RequestBody, framing: RequestFraming) -> None:
+        """Called by the client protocol once per request; never blocks."""
+        plan = self._preroute(client, request, framing)
+        if plan is not None:
+            if plan is ANSWERED:
                 return
+            if body.complete and body.error is None:
+                self._keyed(client, request, framing, body, plan, body.take_buffered())
+            else:
+                client.task = client.loop.create_task(self._keyed_task(client, request, body, framing, plan))
+            return
         if body.complete and body.error is None:
             try:
                 outbound = self._outbound(client, request, framing)
@@ -439,14 +446,11 @@ class Handler:
     async def handle(
         self, client: ClientConnection, request: RequestHead, body: RequestBody, framing: RequestFraming
     ) -> None:
-        if request.target == self.health_path and request.method in _HEALTH_METHODS:
-            answer_health(client)
-            return
-        if self.router.active:
-            plan = self.router.plan(request, framing.has_body)
-            if plan is not None:
+        plan = self._preroute(client, request, framing)
+        if plan is not None:
+            if plan is not ANSWERED:
                 await self._keyed_task(client, request, body, framing, plan)
-                return
+            return
         try:
             outbound = self._outbound(client, request, framing)
             if framing.has_body:

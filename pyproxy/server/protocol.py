@@ -119,6 +119,20 @@ def raw_error_response(exc: ProxyError) -> bytes:
     return serialize_response_head(status, reason, headers) + body
 
 
+def abandon(owner: Any) -> None:
+    """Nobody will read this response: tell the upstream side (it closes the
+    connection, so an LLM stops generating) and cancel the request's task.
+    ``owner``: a client connection, or a coalesced fetch."""
+    exchange = owner.exchange
+    owner.exchange = None
+    if exchange is not None:
+        exchange.client_gone()
+    task = owner.task
+    owner.task = None
+    if task is not None and not task.done():
+        task.cancel()
+
+
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "proxy",
@@ -236,14 +250,7 @@ class ClientConnection(asyncio.Protocol):
             self._observe(self.resp_status if self.response_started else 499)
         if self.body is not None and not self.body.complete:
             self.body.fail(ClientGone())
-        exchange = self.exchange
-        self.exchange = None
-        if exchange is not None:
-            exchange.client_gone()
-        task = self.task
-        self.task = None
-        if task is not None and not task.done():
-            task.cancel()
+        abandon(self)
         self.proxy.connection_closed(self)
 
     def pause_writing(self) -> None:

@@ -313,3 +313,35 @@ async def test_cache_hits_are_gzipped_for_clients_that_accept_it() -> None:
         assert gzip_hit.header(b"x-cache") == b"HIT" and gzip_hit.header(b"content-encoding") == b"gzip"
         assert gzip.decompress(gzip_hit.body) == big
         assert int(gzip_hit.header(b"content-length") or 0) == len(gzip_hit.body)
+
+
+async def test_pool_grows_under_load_sheds_idle_after_and_the_gauges_show_it() -> None:
+    gate = asyncio.Event()
+    async with (
+        Origin() as origin,
+        running_proxy(origin.url, keepalive_connections=2, pool_connections=20, dedup_enabled=False, **ADMIN) as proxy,
+    ):
+
+        @origin.route(b"/held")
+        async def held(req: Received, reply: Reply) -> None:
+            await gate.wait()
+            await reply.full(200, b"{}")
+
+        assert proxy.admin is not None
+
+        async def gauge(state: str) -> float:
+            text = (await request(proxy.admin.port, b"GET", b"/metrics")).body.decode()  # type: ignore[union-attr]
+            return metric(text, "proxy_upstream_connections", {"state": state})
+
+        tasks = [asyncio.ensure_future(request(proxy.port, b"GET", b"/held?i=%d" % i)) for i in range(8)]
+        await wait_until(lambda: sum(1 for r in origin.requests if r.target.startswith(b"/held")) == 8)
+        assert await gauge("active") == 8  # grown on demand
+        gate.set()
+        assert [(await t).status for t in tasks] == [200] * 8
+        # Beyond --keepalive-connections, idle connections are shed (after a short grace).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while await gauge("idle") > 2:
+            assert loop.time() < deadline, "idle connections above the keep-alive bound were never shed"
+            await asyncio.sleep(0.05)
+        assert await gauge("active") == 0 and await gauge("idle") == 2
