@@ -156,17 +156,22 @@ async def test_tenant_isolation_under_concurrency() -> None:
     """10 API keys x identical requests at once: every answer is the caller's own."""
     tenants = [b"Bearer sk-tenant-%d" % i for i in range(10)]
     async with Origin() as origin, running_proxy(origin.url, cache_rules=(rule(b"/whoami", ttl=60.0),)) as proxy:
+        gate = asyncio.Event()
 
         @origin.route(b"/whoami")
         async def whoami(req: Received, reply: Reply) -> None:
-            await asyncio.sleep(0.01)  # let the identical requests overlap
+            await gate.wait()  # held until every identical request has arrived
             await reply.full(200, req.header(b"authorization") or b"")
 
         async def ask(tenant: bytes) -> Tuple[bytes, Response]:
             return tenant, await request(proxy.port, b"GET", b"/whoami", [(b"authorization", tenant)])
 
-        for _ in range(2):  # the first round fills the cache, the second is served from it
-            results = await asyncio.gather(*(ask(t) for t in tenants for _ in range(10)))
+        # First round: all 100 in flight at once (one fetch per tenant, the rest join it).
+        first = [asyncio.ensure_future(ask(t)) for t in tenants for _ in range(10)]
+        await wait_until(lambda: proxy.coalescer.stats.followers == 90)
+        gate.set()
+        # Second round: served from the cache.
+        for results in ([await f for f in first], await asyncio.gather(*(ask(t) for t in tenants for _ in range(10)))):
             cross = [(t, r.body) for t, r in results if r.body != t]
             assert not cross and all(r.status == 200 for _, r in results)
         assert hits(origin, b"/whoami") == len(tenants)  # one fetch per tenant, ever
