@@ -391,7 +391,7 @@ def machine() -> Dict[str, str]:
 
 
 TARGETS = ["direct", "pyproxy-pypy", "pyproxy-cpython", "nginx", "aiohttp", "fastapi"]
-SCENARIOS = ["get64", "post64", "get1", "big", "sse", "idle", "hit64", "miss64", "dedup"]
+SCENARIOS = ["get64", "post64", "get1", "big", "sse", "idle", "hit64", "miss64", "dedup", "fanout"]
 # The relay scenarios measure pyproxy as a relay, like the peers: no cache, no
 # coalescing. The cache and dedup scenarios start instances with the layers on.
 RELAY_ONLY = ["--no-cache", "--no-dedup"]
@@ -501,6 +501,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     row["hit64"] = hit_scenario(name, workdir, origin_port, sse_port, args.pypy, duration)
                 if name.startswith("pyproxy-") and "miss64" in args.scenarios:
                     row["miss64"] = miss_scenario(name, workdir, origin_port, sse_port, args.pypy, duration)
+                if name.startswith("pyproxy-") and "fanout" in args.scenarios:
+                    row["fanout"] = fanout_scenario(name, workdir, sse_port, args.pypy)
                 if name.startswith("pyproxy-") and "dedup" in args.scenarios:
                     row["dedup"] = dedup_scenario(name, workdir, sse_port, args.pypy, duration)
             finally:
@@ -573,9 +575,24 @@ def dedup_scenario(name: str, workdir: Path, slow_port: int, pypy: str, duration
     return out
 
 
-def _slow_count(port: int) -> int:
+def fanout_scenario(name: str, workdir: Path, sse_port: int, pypy: str) -> Dict[str, float]:
+    """200 identical SSE streams opened at once through one instance with coalescing on
+    (cache off): how many upstream streams, and each event's delay at every client."""
+    service = start_target(name, workdir, sse_port, sse_port, pypy, layers=["--no-cache"])
+    try:
+        if name == "pyproxy-pypy":  # the JIT warms on this workload too
+            sse_scenario(service.port, service.pid, 200, 40, 0.05)
+        before = _slow_count(sse_port, "sse")
+        result = sse_scenario(service.port, service.pid, 200, 40, 0.05)
+        result["upstream_streams"] = float(_slow_count(sse_port, "sse") - before)
+        return result
+    finally:
+        service.stop()
+
+
+def _slow_count(port: int, what: str = "slow") -> int:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"GET /count HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /count?what=%s HTTP/1.1\r\nHost: x\r\n\r\n" % what.encode())
         data = b""
         while b"\r\n\r\n" not in data or not data.split(b"\r\n\r\n", 1)[1]:
             data += sock.recv(4096)
@@ -690,6 +707,20 @@ def render(results: Dict[str, Any]) -> str:
             on, off = get(n, "miss64", "layers_rps"), get(n, "miss64", "relay_rps")
             if on is not None and off is not None:
                 lines.append(f"| {n} | {on:,.0f} req/s | {off:,.0f} req/s | {ratio(on, off)} |")
+        lines.append("")
+    if any(get(n, "fanout", "events") for n in names):
+        lines += ["## SSE fan-out: 200 identical streams of 40 events at 50 ms, coalesced (cache off)", "",
+                  "| target | upstream streams | events delivered | delay p50 | delay p99 | CPU per delivered event |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for n in names:
+            if get(n, "fanout", "events") is None:
+                continue
+            lines.append(
+                f"| {n} | {get(n, 'fanout', 'upstream_streams'):.0f} | "
+                f"{get(n, 'fanout', 'events'):.0f} / {get(n, 'fanout', 'expected_events'):.0f} | "
+                f"{get(n, 'fanout', 'delay_p50') * 1e3:.2f} ms | {get(n, 'fanout', 'delay_p99') * 1e3:.2f} ms | "
+                f"{get(n, 'fanout', 'cpu_us_per_event'):.1f} µs |"
+            )
         lines.append("")
     if any(get(n, "dedup", "on_rps") for n in names):
         lines += ["## Coalescing: 64 connections repeating one 50 ms request, cache off", "",

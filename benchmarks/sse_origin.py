@@ -4,7 +4,7 @@
 carries the CLOCK_MONOTONIC time it was written, so a client on the same
 machine measures each event's delay through a proxy. ``GET /slow?ms=M``
 answers a small JSON body after M milliseconds (the dedup scenario), and
-``GET /count`` how many /slow requests arrived so far. Runs on any interpreter.
+``GET /count`` how many /slow requests arrived so far (``/count?what=sse``: SSE streams). Runs on any interpreter.
 Usage: python benchmarks/sse_origin.py PORT
 """
 
@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 SLOW_BODY = b'{"object":"list","data":[{"id":"gpt-bench","object":"model"}]}'
 slow_requests = 0
+sse_streams = 0
 
 
 def small_response(body: bytes) -> bytes:
@@ -24,7 +25,7 @@ def small_response(body: bytes) -> bytes:
 
 
 async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    global slow_requests
+    global slow_requests, sse_streams
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -36,8 +37,10 @@ async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                 writer.write(small_response(SLOW_BODY))
                 continue
             if target.startswith("/count"):
-                writer.write(small_response(b"%d" % slow_requests))
+                counted = sse_streams if "what=sse" in target else slow_requests
+                writer.write(small_response(b"%d" % counted))
                 continue
+            sse_streams += 1
             count = int(query.get("n", ["10"])[0])
             interval = float(query.get("interval", ["0.1"])[0])
             writer.write(

@@ -30,6 +30,7 @@ from pyproxy.http.fastpath import (
 )
 from pyproxy.http.headers import RequestFraming, client_response_headers, upstream_request_headers
 from pyproxy.http.messages import RequestHead
+from pyproxy.metrics import DURATION_BUCKETS, RequestMetrics
 from pyproxy.routing import Router
 from pyproxy.upstream.connection import ACTIVE, UpstreamConnection
 from pyproxy.upstream.pool import ConnectionPool
@@ -180,3 +181,32 @@ def test_storage_decision(benchmark: Any) -> None:
         )
     )
     assert freshness is not None and freshness.lifetime == 60.0
+
+
+def test_request_metrics(benchmark: Any) -> None:
+    """What each finished request costs the metrics: plain dicts and lists."""
+    metrics = RequestMetrics()
+    benchmark(metrics.request_done, "/v1/chat/completions", "POST", 200, 0.0123, 0.0101, 512, 2048)
+    assert sum(metrics.requests.values()) >= 1
+
+
+def test_request_metrics_prometheus_client_reference(benchmark: Any) -> None:
+    """The same observations through prometheus_client's own metric objects (the
+    reference the choice above was measured against)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    registry = CollectorRegistry()
+    requests = Counter("r", "r", ["endpoint", "method", "status"], registry=registry)
+    duration = Histogram("d", "d", ["endpoint", "method"], registry=registry, buckets=DURATION_BUCKETS)
+    ttfb = Histogram("t", "t", ["endpoint"], registry=registry, buckets=DURATION_BUCKETS)
+    bytes_in = Counter("bi", "bi", registry=registry)
+    bytes_out = Counter("bo", "bo", registry=registry)
+
+    def observe() -> None:
+        requests.labels("/v1/chat/completions", "POST", "200").inc()
+        duration.labels("/v1/chat/completions", "POST").observe(0.0123)
+        ttfb.labels("/v1/chat/completions").observe(0.0101)
+        bytes_in.inc(512)
+        bytes_out.inc(2048)
+
+    benchmark(observe)

@@ -40,6 +40,7 @@ log = logging.getLogger("pyproxy.dedup")
 Header = Tuple[bytes, bytes]
 
 X_DEDUP_FOLLOWER = (b"x-dedup", b"follower")
+_AGE_ZERO = [(b"age", b"0")]
 
 
 class DedupStats:
@@ -118,6 +119,7 @@ class Fetch:
         "_diverted",
         "_leader_headers",
         "upstream_ttfb",
+        "_age_missing",
     )
 
     def __init__(
@@ -155,6 +157,7 @@ class Fetch:
         self._diverted = False  # the response was replaced by a stale entry
         self._leader_headers = leader_headers
         self.upstream_ttfb = -1.0  # set by the exchange, passed on to every subscriber
+        self._age_missing = True
 
     # --- subscribers -------------------------------------------------------------------
 
@@ -217,6 +220,8 @@ class Fetch:
         extra = sub.extra
         if not extra:
             return headers[:]
+        if self._age_missing and extra[0][0] == b"x-cache":
+            extra = extra + _AGE_ZERO  # through the cache layer: an Age on every response
         if headers and headers[-1][0] == b"content-length":  # stays last, by contract
             return headers[:-1] + extra + headers[-1:]
         return headers + extra
@@ -231,10 +236,15 @@ class Fetch:
             self.recording = None
             self.coalescer.remove(self)
             return
+        upstream_x_cache = False
+        self._age_missing = True
         for name, _ in headers:
-            if name == b"x-cache":  # ours replaces the upstream's
-                headers = [(n, v) for n, v in headers if n != b"x-cache"]
-                break
+            if name == b"x-cache":
+                upstream_x_cache = True
+            elif name == b"age":
+                self._age_missing = False
+        if upstream_x_cache:  # ours replaces the upstream's
+            headers = [(n, v) for n, v in headers if n != b"x-cache"]
         self._status, self._reason, self._headers = status, reason, headers
         recording = self.recording
         if recording is not None and not recording.begin(status, reason, headers):
