@@ -537,7 +537,14 @@ class ClientConnection(asyncio.Protocol):
             data = self._gzip.compress(data)
             if not data:
                 return  # held by the compressor until the next flush
-        self._append_body(data)
+        # _append_body, inlined: this runs once per relayed chunk (every SSE event).
+        self.bytes_out += len(data)
+        if self._mode == _H11:
+            self._out += self.h11.send_with_data_passthrough(_Data(data=data))  # type: ignore
+        elif self._framing == _FRAME_LENGTH:
+            self._out.append(data)
+        elif self._framing == _FRAME_CHUNKED and data:
+            self._out += chunk_pieces(data)
 
     def _append_body(self, data: bytes) -> None:
         self.bytes_out += len(data)
