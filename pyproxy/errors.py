@@ -69,6 +69,13 @@ class ClientStalled(BadRequest):
 # --- the upstream's fault (5xx) ---
 
 
+class NotInCache(ProxyError):
+    """``Cache-Control: only-if-cached`` and nothing usable is stored: 504 (RFC 9111 §5.2.1.7)."""
+
+    status = 504
+    error_type = "cache_miss"
+
+
 class UpstreamError(ProxyError):
     """The upstream could not be reached or broke the exchange: 502."""
 

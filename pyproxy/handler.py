@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, CachedResponse
 from pyproxy.cache.layer import BYPASS, HIT, MISS, STALE, Cache
 from pyproxy.cache.policy import BYPASS as BYPASS_MODE
-from pyproxy.cache.policy import LOOKUP, REFETCH
+from pyproxy.cache.policy import LOOKUP, REFETCH, only_if_cached
 from pyproxy.cache.store import NEED_AWAIT
 from pyproxy.dedup import X_DEDUP_FOLLOWER, Coalescer, Fetch
-from pyproxy.errors import ClientStalled, ProxyError, UpstreamDisconnected, UpstreamError
+from pyproxy.errors import ClientStalled, NotInCache, ProxyError, UpstreamDisconnected, UpstreamError
 from pyproxy.http.fastpath import serialize_request_head
 from pyproxy.http.headers import RequestFraming, client_response_headers, to_origin_form, upstream_request_headers
 from pyproxy.http.messages import RequestHead, ResponseHead
@@ -318,9 +318,13 @@ class Handler:
     def _keyed_with(
         self, client: ClientConnection, body: RequestBody, outbound: Outbound, plan: Plan, chunks: List[bytes]
     ) -> None:
-        if plan.needs_body and not plan.finish(b"".join(chunks)):
-            self._dispatch(client, body, outbound, chunks)  # no rule's conditions hold
-            return
+        if plan.needs_body:
+            whole = b"".join(chunks)
+            # Too large to key on (the limit holds for a body already complete too),
+            # or no rule's conditions hold: relayed plainly.
+            if len(whole) > self.max_key_body or not plan.finish(whole):
+                self._dispatch(client, body, outbound, chunks)
+                return
         cache = self.cache
         entry = None
         if cache is not None and plan.cache_mode == LOOKUP:
@@ -365,6 +369,11 @@ class Handler:
                 stale = entry
         elif cache is not None and plan.cache_mode == LOOKUP:
             cache.stats.misses += 1
+        if cache is not None and plan.cache_mode == LOOKUP and only_if_cached(plan.headers):
+            # RFC 9111 §5.2.1.7: no stored response may be used, and the client
+            # asked that the upstream not be contacted.
+            client.send_error(NotInCache("no stored response for this request (only-if-cached)"))
+            return
         self._fetch(client, body, outbound, plan, chunks, stale)
 
     def _fetch(

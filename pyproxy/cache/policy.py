@@ -139,6 +139,12 @@ def request_mode(headers: Sequence[Header]) -> str:
     return LOOKUP
 
 
+def only_if_cached(headers: Sequence[Header]) -> bool:
+    """§5.2.1.7: the client wants a stored response or nothing (then a 504)."""
+    values = field_values(headers, b"cache-control")
+    return bool(values) and b"only-if-cached" in parse_cache_control(values)
+
+
 def request_max_age(headers: Sequence[Header]) -> Optional[int]:
     """§5.2.1.1: the client accepts nothing older than this."""
     values = field_values(headers, b"cache-control")

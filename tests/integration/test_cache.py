@@ -116,6 +116,12 @@ async def test_request_no_cache_refetches_and_no_store_bypasses() -> None:
         ranged = await request(proxy.port, b"GET", b"/r", [(b"range", b"bytes=0-3")])
         assert ranged.header(b"x-cache") == b"BYPASS"
         assert (await request(proxy.port, b"GET", b"/r", [(b"pragma", b"no-cache")])).json()["n"] == 5
+        # only-if-cached: a stored response, or a 504 without contacting the upstream (§5.2.1.7).
+        before = hits(origin, b"/r")
+        assert (await request(proxy.port, b"GET", b"/r", [(b"cache-control", b"only-if-cached")])).status == 200
+        absent = await request(proxy.port, b"GET", b"/never-stored", [(b"cache-control", b"only-if-cached")])
+        assert absent.status == 504 and absent.json()["error"]["type"] == "cache_miss"
+        assert hits(origin, b"/r") == before and hits(origin, b"/never-stored") == 0
         # A client's max-age bounds the age it accepts (§5.2.1.1).
         assert proxy.cache is not None
         hits_before = proxy.cache.stats.hits
@@ -401,3 +407,20 @@ async def test_no_cache_option_turns_the_layer_off() -> None:
             resp = await request(proxy.port, b"GET", b"/v1/models")
             assert resp.header(b"x-cache") is None
         assert hits(origin, b"/v1/models") == 2 and proxy.cache is None
+
+
+async def test_post_bodies_over_the_key_limit_are_relayed_plainly() -> None:
+    async with (
+        Origin() as origin,
+        running_proxy(
+            origin.url, cache_max_key_body=16, cache_rules=(rule(b"/v1/embeddings", [b"POST"], ttl=60.0),)
+        ) as proxy,
+    ):
+        add_counting_route(origin, b"/v1/embeddings", [])
+        body = b'{"model": "e", "input": "more than sixteen bytes"}'
+        for _ in range(2):
+            resp = await request(proxy.port, b"POST", b"/v1/embeddings", body=body)
+            assert resp.status == 200 and resp.header(b"x-cache") is None
+        assert hits(origin, b"/v1/embeddings") == 2
+        small = [await request(proxy.port, b"POST", b"/v1/embeddings", body=b'{"a": 1}') for _ in range(2)]
+        assert [r.header(b"x-cache") for r in small] == [b"MISS", b"HIT"]
