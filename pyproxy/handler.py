@@ -70,6 +70,21 @@ def answer_health(client: ClientConnection) -> None:
     client.finish_response()
 
 
+class Keyed:
+    """A request on its way through the cache and the coalescer."""
+
+    __slots__ = ("client", "body", "outbound", "plan", "chunks")
+
+    def __init__(
+        self, client: ClientConnection, body: RequestBody, outbound: Outbound, plan: Plan, chunks: List[bytes]
+    ) -> None:
+        self.client = client
+        self.body = body
+        self.outbound = outbound
+        self.plan = plan
+        self.chunks = chunks  # the whole body, or what was collected before giving up on keying
+
+
 # Whatever an exchange relays a response to: a client, or a coalesced fetch.
 Sink = Union[ClientConnection, Fetch]
 
@@ -297,7 +312,7 @@ class Handler:
         except ProxyError as exc:
             client.send_error(exc)
             return
-        self._keyed_with(client, body, outbound, plan, chunks)
+        self._keyed_with(Keyed(client, body, outbound, plan, chunks))
 
     def _keyed(
         self,
@@ -313,78 +328,60 @@ class Handler:
         except ProxyError as exc:
             client.send_error(exc)
             return
-        self._keyed_with(client, body, outbound, plan, chunks)
+        self._keyed_with(Keyed(client, body, outbound, plan, chunks))
 
-    def _keyed_with(
-        self, client: ClientConnection, body: RequestBody, outbound: Outbound, plan: Plan, chunks: List[bytes]
-    ) -> None:
+    def _keyed_with(self, req: "Keyed") -> None:
+        plan = req.plan
         if plan.needs_body:
-            whole = b"".join(chunks)
+            whole = b"".join(req.chunks)
             # Too large to key on (the limit holds for a body already complete too),
             # or no rule's conditions hold: relayed plainly.
             if len(whole) > self.max_key_body or not plan.finish(whole):
-                self._dispatch(client, body, outbound, chunks)
+                self._dispatch(req.client, req.body, req.outbound, req.chunks)
                 return
         cache = self.cache
         entry = None
         if cache is not None and plan.cache_mode == LOOKUP:
             entry = cache.lookup_now(plan.cache_key)
             if entry is NEED_AWAIT:
-                client.task = client.loop.create_task(self._lookup_then(client, body, outbound, plan, chunks))
+                req.client.task = req.client.loop.create_task(self._lookup_then(req))
                 return
-        self._after_lookup(client, body, outbound, plan, chunks, entry)  # type: ignore[arg-type]
+        self._after_lookup(req, entry)  # type: ignore[arg-type]
 
-    async def _lookup_then(
-        self, client: ClientConnection, body: RequestBody, outbound: Outbound, plan: Plan, chunks: List[bytes]
-    ) -> None:
+    async def _lookup_then(self, req: "Keyed") -> None:
         try:
-            entry = await self.cache.lookup(plan.cache_key)  # type: ignore[union-attr]
+            entry = await self.cache.lookup(req.plan.cache_key)  # type: ignore[union-attr]
         except asyncio.CancelledError:
             return
-        if not client.closed:
-            self._after_lookup(client, body, outbound, plan, chunks, entry)
+        if not req.client.closed:
+            self._after_lookup(req, entry)
 
-    def _after_lookup(
-        self,
-        client: ClientConnection,
-        body: RequestBody,
-        outbound: Outbound,
-        plan: Plan,
-        chunks: List[bytes],
-        entry: Optional[CachedResponse],
-    ) -> None:
+    def _after_lookup(self, req: "Keyed", entry: Optional[CachedResponse]) -> None:
         cache = self.cache
+        plan = req.plan
         stale = None
-        if entry is not None and cache is not None:
-            state = cache.judge(entry, plan.headers)
+        if cache is not None and plan.cache_mode == LOOKUP:
+            state = cache.judge(entry, plan.headers) if entry is not None else None
             if state is FRESH:
-                cache.serve(client, entry, HIT, plan.method == b"HEAD")
+                cache.serve(req.client, entry, HIT, plan.method == b"HEAD")  # type: ignore[arg-type]
                 return
             if state is STALE_WHILE_REVALIDATE:
-                cache.serve(client, entry, STALE, plan.method == b"HEAD")
+                cache.serve(req.client, entry, STALE, plan.method == b"HEAD")  # type: ignore[arg-type]
                 if plan.records:
-                    self._refresh(body, outbound, plan, chunks)
+                    self._refresh(req)
                 return
+            cache.stats.misses += 1  # nothing stored, or nothing usable for this request
             if state is STALE_IF_ERROR:
                 stale = entry
-        elif cache is not None and plan.cache_mode == LOOKUP:
-            cache.stats.misses += 1
-        if cache is not None and plan.cache_mode == LOOKUP and only_if_cached(plan.headers):
-            # RFC 9111 §5.2.1.7: no stored response may be used, and the client
-            # asked that the upstream not be contacted.
-            client.send_error(NotInCache("no stored response for this request (only-if-cached)"))
-            return
-        self._fetch(client, body, outbound, plan, chunks, stale)
+            if only_if_cached(plan.headers):
+                # RFC 9111 §5.2.1.7: no stored response may be used, and the client
+                # asked that the upstream not be contacted.
+                req.client.send_error(NotInCache("no stored response for this request (only-if-cached)"))
+                return
+        self._fetch(req, stale)
 
-    def _fetch(
-        self,
-        client: ClientConnection,
-        body: RequestBody,
-        outbound: Outbound,
-        plan: Plan,
-        chunks: List[bytes],
-        stale: Optional[CachedResponse],
-    ) -> None:
+    def _fetch(self, req: "Keyed", stale: Optional[CachedResponse]) -> None:
+        client, plan = req.client, req.plan
         coalescer = self.coalescer
         cache_header = _CACHE_HEADERS.get(plan.cache_mode)
         if plan.may_join:
@@ -392,49 +389,48 @@ class Handler:
             if fetch is not None and fetch.joinable:
                 coalescer.stats.followers += 1
                 extra = [cache_header, X_DEDUP_FOLLOWER] if cache_header else [X_DEDUP_FOLLOWER]
-                fetch.subscribe(client, extra, plan.headers, lambda c: self._dispatch(c, body, outbound, chunks))
+                fetch.subscribe(
+                    client, extra, plan.headers, lambda c: self._dispatch(c, req.body, req.outbound, req.chunks)
+                )
                 return
         cache = self.cache
         if cache is not None and plan.cache_mode == BYPASS_MODE:
             cache.stats.bypass += 1
-        fetch = Fetch(
-            client.loop,
-            plan.key,
-            coalescer,
-            joinable=plan.may_lead,
+        fetch = self._new_fetch(
+            req,
             background=False,
-            recording=cache.recording(plan.cache_key, plan.method, plan.cache_rule, plan.headers)
-            if cache is not None and plan.records
-            else None,
             stale_fallback=self._stale_fallback(stale, plan.method == b"HEAD") if stale is not None else None,
-            leader_headers=plan.headers,
         )
         if plan.may_lead or plan.records:
             coalescer.add(fetch)
             coalescer.stats.leaders += plan.may_lead
         fetch.subscribe(client, [cache_header] if cache_header else [], plan.headers)
-        self._dispatch(fetch, body, outbound, chunks)
+        self._dispatch(fetch, req.body, req.outbound, req.chunks)
 
-    def _refresh(self, body: RequestBody, outbound: Outbound, plan: Plan, chunks: List[bytes]) -> None:
+    def _refresh(self, req: "Keyed") -> None:
         """Stale-while-revalidate: one background fetch per key refreshes the entry."""
-        coalescer = self.coalescer
-        if coalescer.get(plan.key) is not None:
+        if self.coalescer.get(req.plan.key) is not None:
             return  # a fetch for this key is already on its way
-        cache = self.cache
-        assert cache is not None
-        cache.stats.refreshes += 1
-        fetch = Fetch(
+        assert self.cache is not None
+        self.cache.stats.refreshes += 1
+        fetch = self._new_fetch(req, background=True, stale_fallback=None)
+        self.coalescer.add(fetch)
+        self._dispatch(fetch, req.body, req.outbound, req.chunks)
+
+    def _new_fetch(self, req: "Keyed", *, background: bool, stale_fallback: Optional[Callable[[Fetch], bool]]) -> Fetch:
+        plan, cache = req.plan, self.cache
+        return Fetch(
             self.pool.loop,
             plan.key,
-            coalescer,
+            self.coalescer,
             joinable=plan.may_lead,
-            background=True,
-            recording=cache.recording(plan.cache_key, plan.method, plan.cache_rule, plan.headers),
-            stale_fallback=None,
+            background=background,
+            recording=cache.recording(plan.cache_key, plan.method, plan.cache_rule, plan.headers)
+            if cache is not None and plan.records
+            else None,
+            stale_fallback=stale_fallback,
             leader_headers=plan.headers,
         )
-        coalescer.add(fetch)
-        self._dispatch(fetch, body, outbound, chunks)
 
     def _stale_fallback(self, entry: CachedResponse, head_only: bool) -> Callable[[Fetch], bool]:
         cache = self.cache
