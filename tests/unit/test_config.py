@@ -70,3 +70,15 @@ def test_bad_values_name_their_option(cli: dict, message: str) -> None:
 def test_listen_forms() -> None:
     assert build_settings({"upstream": "http://x", "listen": ":9000"}, {}).listen == ("0.0.0.0", 9000)
     assert build_settings({"upstream": "http://x", "listen": "[::1]:9000"}, {}).listen == ("::1", 9000)
+
+
+def test_the_example_config_in_deploy_loads() -> None:
+    path = Path(__file__).resolve().parents[2] / "deploy" / "pyproxy.toml"
+    s = build_settings({"config": str(path)}, {})
+    assert s.upstream is not None and s.upstream.host == "api.openai.com"
+    assert [r.name for r in s.cache_rules] == ["/v1/models", "/v1/embeddings", "/v1/chat/completions"]
+    assert s.cache_rules[2].stream and s.cache_rules[2].when == (("temperature", 0),)
+    assert s.dedup_rules[0].matches(b"POST", b"/v1/chat/completions")
+    assert s.routes[0].name == "assistants" and s.routes[0].matches(b"GET", b"/v1/assistants/asst_1")
+    assert s.cache_identity_headers == (b"openai-organization", b"openai-project")
+    assert s.access_log == "-" and s.admin_listen == ("127.0.0.1", 9901)
