@@ -21,7 +21,8 @@ every worker.
   draining, ``POST /cache/purge`` reaches every worker (or one, with Redis).
 
 Workers are separate interpreters started with the supervisor's own command
-line, so a reload also re-reads the environment and the config file.
+line and environment, so a reload picks up the edited ``--config`` file (new
+code needs a restart).
 """
 
 from __future__ import annotations
