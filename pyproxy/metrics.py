@@ -186,13 +186,13 @@ class SnapshotCollector:
         for endpoint, hist in snap["upstream_ttfb"]:
             ttfb.add_metric([endpoint], _buckets(hist), hist["total"])
         yield ttfb
-        yield _gauge(GaugeMetricFamily, "proxy_requests_in_flight", "Requests being answered", snap["in_flight"])
-        yield _gauge(
+        yield _single(GaugeMetricFamily, "proxy_requests_in_flight", "Requests being answered", snap["in_flight"])
+        yield _single(
             GaugeMetricFamily, "proxy_client_connections", "Open client connections", snap["client_connections"]
         )
-        yield _counter(CounterMetricFamily, "proxy_bytes_received", "Request body bytes from clients", snap["bytes_in"])
-        yield _counter(CounterMetricFamily, "proxy_bytes_sent", "Response body bytes to clients", snap["bytes_out"])
-        yield _counter(
+        yield _single(CounterMetricFamily, "proxy_bytes_received", "Request body bytes from clients", snap["bytes_in"])
+        yield _single(CounterMetricFamily, "proxy_bytes_sent", "Response body bytes to clients", snap["bytes_out"])
+        yield _single(
             CounterMetricFamily, "proxy_client_errors", "Malformed requests answered with a 4xx", snap["client_errors"]
         )
         errors = CounterMetricFamily("proxy_upstream_errors", "Upstream failures by kind", labels=["kind"])
@@ -204,7 +204,7 @@ class SnapshotCollector:
         for state in ("active", "idle", "connecting"):
             gauge.add_metric([state], pool[state])
         yield gauge
-        yield _gauge(
+        yield _single(
             GaugeMetricFamily, "proxy_upstream_pool_waiting", "Requests waiting for a connection", pool["waiting"]
         )
         for name, help_text in (
@@ -216,7 +216,7 @@ class SnapshotCollector:
             ("stale_closed", "Idle upstream connections found closed by the upstream"),
             ("stale_retries", "Requests retried after a reused connection dropped"),
         ):
-            yield _counter(CounterMetricFamily, f"proxy_upstream_{name}", help_text, pool[name])
+            yield _single(CounterMetricFamily, f"proxy_upstream_{name}", help_text, pool[name])
         cache = snap.get("cache")
         if cache is not None:
             lookups = CounterMetricFamily("proxy_cache_requests", "Cache outcomes (X-Cache)", labels=["result"])
@@ -231,11 +231,11 @@ class SnapshotCollector:
                 ("refreshes", "Background stale-while-revalidate refreshes"),
                 ("stale_if_error", "Stale entries served because the upstream failed"),
             ):
-                yield _counter(CounterMetricFamily, f"proxy_cache_{name}", help_text, cache[name])
-            yield _gauge(
+                yield _single(CounterMetricFamily, f"proxy_cache_{name}", help_text, cache[name])
+            yield _single(
                 GaugeMetricFamily, "proxy_cache_bytes", "Bytes held by the memory cache", cache["bytes_stored"]
             )
-            yield _gauge(GaugeMetricFamily, "proxy_cache_entries", "Entries in the memory cache", cache["entries"])
+            yield _single(GaugeMetricFamily, "proxy_cache_entries", "Entries in the memory cache", cache["entries"])
         dedup = snap["dedup"]
         for name, help_text in (
             ("leaders", "Upstream fetches others could join"),
@@ -243,8 +243,8 @@ class SnapshotCollector:
             ("replays", "Followers that joined mid-response"),
             ("dropped_slow", "Coalesced clients disconnected for falling behind"),
         ):
-            yield _counter(CounterMetricFamily, f"proxy_dedup_{name}", help_text, dedup[name])
-        yield _gauge(GaugeMetricFamily, "proxy_dedup_in_flight", "Coalescable fetches in flight", dedup["in_flight"])
+            yield _single(CounterMetricFamily, f"proxy_dedup_{name}", help_text, dedup[name])
+        yield _single(GaugeMetricFamily, "proxy_dedup_in_flight", "Coalescable fetches in flight", dedup["in_flight"])
 
 
 def _buckets(hist: Dict[str, Any]) -> List[Tuple[str, float]]:
@@ -255,13 +255,8 @@ def _buckets(hist: Dict[str, Any]) -> List[Tuple[str, float]]:
     return out
 
 
-def _gauge(cls: Any, name: str, help_text: str, value: float) -> Any:
-    family = cls(name, help_text)
-    family.add_metric([], value)
-    return family
-
-
-def _counter(cls: Any, name: str, help_text: str, value: float) -> Any:
+def _single(cls: Any, name: str, help_text: str, value: float) -> Any:
+    """A metric family (counter or gauge) of one unlabelled sample."""
     family = cls(name, help_text)
     family.add_metric([], value)
     return family

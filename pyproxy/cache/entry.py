@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 from pyproxy._compat import json_dumps, json_loads
-from pyproxy.http.compression import gzip_headers, gzip_whole
+from pyproxy.http.compression import gzip_headers, gzip_whole, should_compress
 from pyproxy.http.fastpath import LAST_CHUNK, chunk_pieces, serialize_response_head
 
 Header = Tuple[bytes, bytes]
@@ -101,7 +101,8 @@ class CachedResponse:
             self.wire = body
         self._framing = framing
         self._head: Optional[bytes] = None  # serialized on the first hit: many entries never get one
-        self._gzipped: Optional[Tuple[bytes, bytes]] = None  # (head, body) for gzip clients, on first use
+        # (head, body) for gzip clients, or False: not compressible; decided on first use.
+        self._gzipped: Union[Tuple[bytes, bytes], bool, None] = None
         head_size = 16 + len(reason) + sum(len(n) + len(v) + 4 for n, v in headers) + 40
         self.size = head_size + len(self.wire) + len(body) * stream + ENTRY_OVERHEAD
 
@@ -149,15 +150,20 @@ class CachedResponse:
         tail = b"connection: close\r\n\r\n" if close else b"\r\n"
         return b"%s\r\nx-cache: %s\r\nage: %d\r\n%s%s" % (head, cache_status, age, extra, tail)
 
-    def gzipped(self, level: int) -> Tuple[bytes, bytes]:
-        """The gzip representation (head without its end, body), made once. It is held
-        besides the entry's own bytes: at most their size again, typically a fifth."""
+    def gzipped(self, level: int, min_length: int) -> Optional[Tuple[bytes, bytes]]:
+        """The gzip representation (head without its end, body), or None when this
+        response is not one to compress; decided and made once, on the first gzip
+        client's hit. It is held besides the entry's own bytes: at most their size
+        again, typically a fifth."""
         variant = self._gzipped
         if variant is None:
-            body = gzip_whole(self.body, level)
-            headers = gzip_headers(self.headers) + [(b"content-length", b"%d" % len(body))]
-            variant = self._gzipped = (serialize_response_head(self.status, self.reason, headers)[:-4], body)
-        return variant
+            if self.stream or len(self.body) < min_length or not should_compress(self.status, self.headers, 0):
+                variant = self._gzipped = False
+            else:
+                body = gzip_whole(self.body, level)
+                headers = gzip_headers(self.headers) + [(b"content-length", b"%d" % len(body))]
+                variant = self._gzipped = (serialize_response_head(self.status, self.reason, headers)[:-4], body)
+        return variant or None
 
     def client_headers(self, cache_status: bytes, age: int) -> List[Header]:
         """For an h11-mode client: the headers, framing last as start_response expects."""

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, CachedResponse, strip_framing
 from pyproxy.cache.policy import Freshness, decide_storage, request_max_age, vary_values
-from pyproxy.cache.store import NEED_AWAIT, CacheStats, MemoryStore
-from pyproxy.http.compression import should_compress
+from pyproxy.cache.store import CacheStats, MemoryStore
 from pyproxy.rules import Rule
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -151,8 +150,9 @@ class Cache:
             extra = b"".join(b"%s: %s\r\n" % header for header in client.response_decorations())
             gzip_head = None
             wire = entry.wire
-            if client.accepts_gzip and not entry.stream and self._compressible(entry):
-                gzip_head, wire = entry.gzipped(self.gzip_level)
+            variant = entry.gzipped(self.gzip_level, self.gzip_min_length) if client.accepts_gzip else None
+            if variant is not None:
+                gzip_head, wire = variant
             head = entry.response_head(status, age, client.closing, extra, gzip_head)
             if head_only or not wire:
                 client.send_prebuilt((head,), entry.status, 0)
@@ -166,11 +166,6 @@ class Cache:
             for piece in entry.body_pieces():
                 client.send_data(piece)
         client.finish_response()
-
-    def _compressible(self, entry: CachedResponse) -> bool:
-        return should_compress(entry.status, entry.headers, self.gzip_min_length) and len(entry.body) >= (
-            self.gzip_min_length
-        )
 
     def recording(
         self, key: bytes, method: bytes, rule: Optional[Rule], request_headers: Sequence[Header]
@@ -188,7 +183,3 @@ class Cache:
 
     async def close(self) -> None:
         await self.store.close()
-
-
-def needs_await(value: object) -> bool:
-    return value is NEED_AWAIT
