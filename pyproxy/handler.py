@@ -71,18 +71,39 @@ def answer_health(client: ClientConnection) -> None:
 
 
 class Keyed:
-    """A request on its way through the cache and the coalescer."""
+    """A request on its way through the cache and the coalescer.
 
-    __slots__ = ("client", "body", "outbound", "plan", "chunks")
+    Its upstream request is serialized only if it is sent: a cache hit never
+    needs it. Building it cannot fail here, as the plan already parsed the target,
+    and it reads nothing of the client's that the client's next request changes.
+    """
+
+    __slots__ = ("handler", "client", "request", "framing", "body", "plan", "chunks", "_new_id", "_outbound")
 
     def __init__(
-        self, client: ClientConnection, body: RequestBody, outbound: Outbound, plan: Plan, chunks: List[bytes]
+        self,
+        handler: "Handler",
+        client: ClientConnection,
+        request: RequestHead,
+        framing: RequestFraming,
+        body: RequestBody,
+        plan: Plan,
+        chunks: List[bytes],
     ) -> None:
+        self.handler = handler
         self.client = client
+        self.request = request
+        self.framing = framing
         self.body = body
-        self.outbound = outbound
         self.plan = plan
         self.chunks = chunks  # the whole body, or what was collected before giving up on keying
+        self._new_id = handler.assign_request_id(client, request)  # hits return the id too
+        self._outbound: Optional[Outbound] = None
+
+    def outbound(self) -> Outbound:
+        if self._outbound is None:
+            self._outbound = self.handler.build_outbound(self.client, self.request, self.framing, self._new_id)
+        return self._outbound
 
 
 # Whatever an exchange relays a response to: a client, or a coalesced fetch.
@@ -234,7 +255,13 @@ class Handler:
         if request.target == self.health_path and request.method in _HEALTH_METHODS:
             answer_health(client)
             return ANSWERED
-        return self.router.plan(request, framing.has_body) if self.router.active else None
+        if not self.router.active:
+            return None
+        try:
+            return self.router.plan(request, framing.has_body)
+        except ProxyError as exc:  # a request-target no upstream request can be made of
+            client.send_error(exc)
+            return ANSWERED
 
     def start(self, client: ClientConnection, request: RequestHead, body: RequestBody, framing: RequestFraming) -> None:
         """Called by the client protocol once per request; never blocks."""
@@ -294,25 +321,24 @@ class Handler:
     ) -> None:
         """A keyed request whose body is still arriving: collect it (it is part of the key),
         up to cache_max_key_body; a larger one is relayed plainly."""
+        req = Keyed(self, client, request, framing, body, plan, [])
         try:
-            outbound = self._outbound(client, request, framing)
             if framing.has_body:
                 client.send_continue()
-            chunks: List[bytes] = []
             while True:
                 got = await body.read()
                 if got is None:
                     break
-                chunks += got
+                req.chunks += got
                 if body.received > self.max_key_body:
-                    await self._run(client, outbound, body, chunks, retried=False)
+                    await self._run(client, req.outbound(), body, req.chunks, retried=False)
                     return
         except (asyncio.CancelledError, ClientGone):
             return
         except ProxyError as exc:
             client.send_error(exc)
             return
-        self._keyed_with(Keyed(client, body, outbound, plan, chunks))
+        self._keyed_with(req)
 
     def _keyed(
         self,
@@ -323,12 +349,7 @@ class Handler:
         plan: Plan,
         chunks: List[bytes],
     ) -> None:
-        try:
-            outbound = self._outbound(client, request, framing)
-        except ProxyError as exc:
-            client.send_error(exc)
-            return
-        self._keyed_with(Keyed(client, body, outbound, plan, chunks))
+        self._keyed_with(Keyed(self, client, request, framing, body, plan, chunks))
 
     def _keyed_with(self, req: "Keyed") -> None:
         plan = req.plan
@@ -337,7 +358,7 @@ class Handler:
             # Too large to key on (the limit holds for a body already complete too),
             # or no rule's conditions hold: relayed plainly.
             if len(whole) > self.max_key_body or not plan.finish(whole):
-                self._dispatch(req.client, req.body, req.outbound, req.chunks)
+                self._dispatch(req.client, req.body, req.outbound(), req.chunks)
                 return
         cache = self.cache
         entry = None
@@ -390,7 +411,7 @@ class Handler:
                 coalescer.stats.followers += 1
                 extra = [cache_header, X_DEDUP_FOLLOWER] if cache_header else [X_DEDUP_FOLLOWER]
                 fetch.subscribe(
-                    client, extra, plan.headers, lambda c: self._dispatch(c, req.body, req.outbound, req.chunks)
+                    client, extra, plan.headers, lambda c: self._dispatch(c, req.body, req.outbound(), req.chunks)
                 )
                 return
         cache = self.cache
@@ -405,7 +426,7 @@ class Handler:
             coalescer.add(fetch)
             coalescer.stats.leaders += plan.may_lead
         fetch.subscribe(client, [cache_header] if cache_header else [], plan.headers)
-        self._dispatch(fetch, req.body, req.outbound, req.chunks)
+        self._dispatch(fetch, req.body, req.outbound(), req.chunks)
 
     def _refresh(self, req: "Keyed") -> None:
         """Stale-while-revalidate: one background fetch per key refreshes the entry."""
@@ -415,7 +436,7 @@ class Handler:
         self.cache.stats.refreshes += 1
         fetch = self._new_fetch(req, background=True, stale_fallback=None)
         self.coalescer.add(fetch)
-        self._dispatch(fetch, req.body, req.outbound, req.chunks)
+        self._dispatch(fetch, req.body, req.outbound(), req.chunks)
 
     def _new_fetch(self, req: "Keyed", *, background: bool, stale_fallback: Optional[Callable[[Fetch], bool]]) -> Fetch:
         plan, cache = req.plan, self.cache
@@ -574,6 +595,23 @@ class Handler:
     # --- helpers -----------------------------------------------------------------------
 
     def _outbound(self, client: ClientConnection, request: RequestHead, framing: RequestFraming) -> Outbound:
+        return self.build_outbound(client, request, framing, self.assign_request_id(client, request))
+
+    def assign_request_id(self, client: ClientConnection, request: RequestHead) -> bytes:
+        """Set the request's id: the client's X-Request-Id, or a new one. Returns a new
+        one (it must go upstream too), else b""."""
+        if not self.request_ids:
+            return b""
+        for name, value in request.headers:
+            if name == b"x-request-id" and 0 < len(value) <= 200:
+                client.request_id = value
+                return b""
+        client.request_id = b"%s-%x" % (self._rid_prefix, next(self._rid_counter))
+        return client.request_id
+
+    def build_outbound(
+        self, client: ClientConnection, request: RequestHead, framing: RequestFraming, new_request_id: bytes
+    ) -> Outbound:
         target = to_origin_form(request.target)
         if self.prefix:
             target = self.prefix + (target if target != b"*" else b"/")
@@ -585,14 +623,8 @@ class Handler:
             framing=framing,
             allow_underscores=self.allow_underscores,
         )
-        if self.request_ids:
-            for name, value in request.headers:
-                if name == b"x-request-id" and 0 < len(value) <= 200:
-                    client.request_id = value
-                    break
-            else:
-                client.request_id = b"%s-%x" % (self._rid_prefix, next(self._rid_counter))
-                headers.append((b"x-request-id", client.request_id))
+        if new_request_id:
+            headers.append((b"x-request-id", new_request_id))
         return Outbound(
             request.method, target, serialize_request_head(request.method, target, headers), framing.chunked
         )

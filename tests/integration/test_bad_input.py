@@ -51,6 +51,9 @@ BAD_REQUESTS = {
     "bad_version": (b"GET /v1/models HTTP/7.1\r\nHost: x\r\n\r\n", 505),
     "nul_in_header": (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", 400),
     "authority_form": (b"OPTIONS proxy.test:80 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    # A GET goes through the cache and coalescer's routing first: it must answer too.
+    "authority_form_get": (b"GET example.com:443 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    "no_slash_get": (b"GET example.com HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     "connect": (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405),
     "content_length_too_large": (
         b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n",
