@@ -59,6 +59,7 @@ class CachedResponse:
         "_gzipped",
         "wire",
         "size",
+        "store_key",
     )
 
     def __init__(
@@ -105,6 +106,7 @@ class CachedResponse:
         self._gzipped: Union[Tuple[bytes, bytes], bool, None] = None
         head_size = 16 + len(reason) + sum(len(n) + len(v) + 4 for n, v in headers) + 40
         self.size = head_size + len(self.wire) + len(body) * stream + ENTRY_OVERHEAD
+        self.store_key: Optional[bytes] = None  # set by a memory store holding this entry
 
     # --- age and state (RFC 9111 §4.2.3, §4.2; RFC 5861) --------------------------------
 
@@ -153,8 +155,8 @@ class CachedResponse:
     def gzipped(self, level: int, min_length: int) -> Optional[Tuple[bytes, bytes]]:
         """The gzip representation (head without its end, body), or None when this
         response is not one to compress; decided and made once, on the first gzip
-        client's hit. It is held besides the entry's own bytes: at most their size
-        again, typically a fifth."""
+        client's hit. Its bytes are added to ``size`` (the caller tells the store, so
+        the store's byte bound counts it): at most the body again, typically a fifth."""
         variant = self._gzipped
         if variant is None:
             if self.stream or len(self.body) < min_length or not should_compress(self.status, self.headers, 0):
@@ -162,7 +164,9 @@ class CachedResponse:
             else:
                 body = gzip_whole(self.body, level)
                 headers = gzip_headers(self.headers) + [(b"content-length", b"%d" % len(body))]
-                variant = self._gzipped = (serialize_response_head(self.status, self.reason, headers)[:-4], body)
+                head = serialize_response_head(self.status, self.reason, headers)[:-4]
+                variant = self._gzipped = (head, body)
+                self.size += len(head) + len(body)
         return variant or None
 
     def client_headers(self, cache_status: bytes, age: int) -> List[Header]:

@@ -150,9 +150,13 @@ class Cache:
             extra = b"".join(b"%s: %s\r\n" % header for header in client.response_decorations())
             gzip_head = None
             wire = entry.wire
-            variant = entry.gzipped(self.gzip_level, self.gzip_min_length) if client.accepts_gzip else None
-            if variant is not None:
-                gzip_head, wire = variant
+            if client.accepts_gzip:
+                size = entry.size
+                variant = entry.gzipped(self.gzip_level, self.gzip_min_length)
+                if entry.size != size:
+                    self.store.grew(entry, entry.size - size)  # the byte bound counts the gzip form
+                if variant is not None:
+                    gzip_head, wire = variant
             head = entry.response_head(status, age, client.closing, extra, gzip_head)
             if head_only or not wire:
                 client.send_prebuilt((head,), entry.status, 0)

@@ -109,6 +109,9 @@ class RedisStore:
         task.add_done_callback(self._writes.discard)
         return True
 
+    def grew(self, entry: CachedResponse, delta: int) -> None:
+        """Entries read from Redis belong to one response and are freed with it."""
+
     async def _put(self, key: bytes, value: bytes, ttl_ms: int) -> None:
         try:
             await asyncio.wait_for(self._client.set(key, value, px=ttl_ms), self.timeout)

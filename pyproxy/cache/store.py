@@ -3,7 +3,8 @@
 Every store has the same interface, so the cache layer never knows which it
 has: ``get_now`` answers at once when it can (memory) and returns
 ``NEED_AWAIT`` when it cannot (Redis), ``get`` is the awaitable form, ``put``
-never blocks, and ``purge`` removes by path, by key prefix, or everything.
+never blocks, ``grew`` accounts for bytes an entry made after it was stored (its
+gzip form), and ``purge`` removes by path, by key prefix, or everything.
 
 Keys begin with the request target, so a purge by path or prefix needs no index.
 """
@@ -107,13 +108,29 @@ class MemoryStore:
             self._remove(key)
         entries = self._entries
         while entries and (self._bytes + size > self.max_bytes or len(entries) >= self.max_entries):
-            old_key, old = entries.popitem(last=False)
-            self._bytes -= old.size + len(old_key)
-            self.stats.evictions += 1
+            self._evict_oldest()
         entries[key] = entry
+        entry.store_key = key
         self._bytes += size
         self._update_gauges()
         return True
+
+    def grew(self, entry: CachedResponse, delta: int) -> None:
+        """``entry`` holds ``delta`` more bytes than when it was stored (its gzip form was
+        made on a hit): count them, and evict least recently used entries, this one
+        included if it is the oldest, until the byte bound holds again."""
+        key = entry.store_key
+        if key is None or self._entries.get(key) is not entry:
+            return  # no longer stored here: its bytes go when the last response using it ends
+        self._bytes += delta
+        while self._bytes > self.max_bytes:
+            self._evict_oldest()
+        self._update_gauges()
+
+    def _evict_oldest(self) -> None:
+        old_key, old = self._entries.popitem(last=False)
+        self._bytes -= old.size + len(old_key)
+        self.stats.evictions += 1
 
     async def purge(self, path: Optional[bytes] = None, prefix: Optional[bytes] = None) -> int:
         doomed = [k for k in self._entries if purge_matches(k, path, prefix)]

@@ -308,11 +308,18 @@ async def test_cache_hits_are_gzipped_for_clients_that_accept_it() -> None:
 
         miss = await request(proxy.port, b"GET", b"/v1/models", GZIP)
         plain_hit = await request(proxy.port, b"GET", b"/v1/models")
+        assert proxy.cache is not None
+        stored_bytes = proxy.cache.store.bytes_used  # type: ignore[union-attr]
         gzip_hit = await request(proxy.port, b"GET", b"/v1/models", GZIP)
         assert gzip.decompress(miss.body) == big and plain_hit.body == big
         assert gzip_hit.header(b"x-cache") == b"HIT" and gzip_hit.header(b"content-encoding") == b"gzip"
         assert gzip.decompress(gzip_hit.body) == big
         assert int(gzip_hit.header(b"content-length") or 0) == len(gzip_hit.body)
+        # The gzip form is held with the entry, and the store's byte bound counts it, once.
+        grown = proxy.cache.store.bytes_used - stored_bytes  # type: ignore[union-attr]
+        assert len(gzip_hit.body) < grown < len(gzip_hit.body) + 1024
+        await request(proxy.port, b"GET", b"/v1/models", GZIP)
+        assert proxy.cache.store.bytes_used == stored_bytes + grown  # type: ignore[union-attr]
 
 
 async def test_pool_grows_under_load_sheds_idle_after_and_the_gauges_show_it() -> None:

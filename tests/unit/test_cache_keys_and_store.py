@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
+from typing import List, Optional
 
 import pytest
 
@@ -20,6 +23,7 @@ from pyproxy.cache.key import (
 )
 from pyproxy.cache.store import CacheStats, MemoryStore, key_path
 from pyproxy.config import ConfigError, build_settings
+from pyproxy.http.headers import Header
 from pyproxy.rules import DEFAULT_CACHE_RULES, Rule
 
 EMBED = Rule(methods=frozenset({b"POST"}), path=b"/v1/embeddings", prefix=False, name="e", ttl=60)
@@ -144,12 +148,12 @@ def test_bad_rules_are_one_line_errors(tmp_path: Path, toml: str, message: str) 
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def entry(body_size: int) -> CachedResponse:
+def entry(body_size: int, body: bytes = b"", headers: Optional[List[Header]] = None) -> CachedResponse:
     return CachedResponse(
         200,
         b"OK",
-        [],
-        b"x" * body_size,
+        headers or [],
+        body or b"x" * body_size,
         stream=False,
         stored_at=0.0,
         lifetime=1e9,
@@ -188,6 +192,46 @@ def test_memory_store_lru_order_and_expiry() -> None:
     store.put(b"/e", short)
     now[0] = 6.0
     assert store.get_now(b"/e") is None and len(store) == 2  # dropped when found expired
+
+
+def test_memory_store_counts_gzip_forms_made_after_storing() -> None:
+    """A hit for a gzip client makes the entry's gzip form; the byte bound counts it,
+    evicting the least recent entries when it no longer holds."""
+    rng = random.Random(7)
+    json_type: List[Header] = [(b"content-type", b"application/json")]
+
+    def compressible() -> CachedResponse:
+        body = json.dumps([rng.randrange(10**6) for _ in range(600)]).encode()
+        return entry(0, body, json_type)
+
+    keys = [b"/j%d" % i for i in range(4)]
+    entries = [compressible() for _ in keys]
+    # Room for the four as stored and one gzip form (about 45% of a body), not four.
+    bound = sum(e.size + len(k) for k, e in zip(keys, entries)) + len(entries[0].body) // 2
+    stats = CacheStats()
+    store = MemoryStore(max_bytes=bound, max_entries=100, stats=stats, clock=lambda: 0.0)
+    for key, stored in zip(keys, entries):
+        assert store.put(key, stored)
+    assert stats.evictions == 0
+    for key in keys:
+        found = store.get_now(key)
+        if found is None:
+            continue  # evicted to make room for an earlier one's gzip form
+        assert isinstance(found, CachedResponse)
+        size = found.size
+        variant = found.gzipped(6, 1000)
+        assert variant is not None and found.size == size + len(variant[0]) + len(variant[1])
+        store.grew(found, found.size - size)
+        held = sum(e.size + len(k) for k, e in store._entries.items())
+        assert store.bytes_used == held == stats.bytes_stored <= bound
+    assert stats.evictions >= 1 and store.get_now(keys[-1]) is not None
+    # An entry no longer stored grows nothing here; the accounting never drifts.
+    gone = compressible()
+    gone.gzipped(6, 1000)
+    store.grew(gone, 1000)
+    assert store.bytes_used == sum(e.size + len(k) for k, e in store._entries.items())
+    store.put(keys[0], compressible())
+    assert store.bytes_used <= bound
 
 
 async def test_memory_store_purge() -> None:
