@@ -128,13 +128,14 @@ async def test_sse_fans_out_live_to_every_follower() -> None:
         assert leader.complete and len(leader.events) == 51
         for reader in readers[1:]:
             assert reader.complete and [e for e, _ in reader.events] == [e for e, _ in leader.events]
-            # Live: each event reaches a follower about when it reaches the leader (the
-            # wide margin is for a loaded machine under PyPy; the benchmark has exact figures).
+            # Live: each event reaches a follower about when it reaches the leader. A
+            # follower fed at the end would lag by up to the stream's 0.5 s; the margin is
+            # for a loaded machine under PyPy (the benchmark has the exact figures).
             lags = [abs(mine - theirs) for (_, mine), (_, theirs) in zip(reader.events, leader.events)]
-            assert max(lags) < 0.05, max(lags)
+            assert max(lags) < 0.15, max(lags)
         # And live relative to the origin: events were not held back until the end.
         first_event_delay = leader.events[0][1] - json.loads(leader.events[0][0][6:])["sent"]
-        assert first_event_delay < 0.1
+        assert first_event_delay < 0.25
         for client, _ in streams:
             await client.close()
 
@@ -196,7 +197,7 @@ async def test_all_clients_leaving_closes_the_upstream_promptly() -> None:
         await client.close()
         await asyncio.wait_for(origin.connections[0].closed.wait(), 5)
         closed_after = origin.connections[0].closed_at - left  # type: ignore[operator]
-        assert closed_after < 0.1, closed_after
+        assert closed_after < 0.5, closed_after  # at once, with a margin for a loaded PyPy
         await wait_until(lambda: len(proxy.coalescer) == 0)
 
 

@@ -20,7 +20,7 @@ async def test_sse_events_arrive_one_by_one_promptly() -> None:
     margin that holds on a loaded PyPy (the benchmark reports the precise delay)."""
     async with Origin() as origin, running_proxy(origin.url) as proxy:
         async with await Client.connect(proxy.port) as client:
-            await client.send_request(b"GET", b"/sse?n=20&interval=0.03", [(b"accept", b"text/event-stream")])
+            await client.send_request(b"GET", b"/sse?n=10&interval=0.1", [(b"accept", b"text/event-stream")])
             head = await client.read_head()
             assert head.status_code == 200
             assert dict(head.headers)[b"content-type"] == b"text/event-stream"
@@ -40,9 +40,10 @@ async def test_sse_events_arrive_one_by_one_promptly() -> None:
                         break
                     delays.append(arrived - json.loads(payload)["sent"])
             assert isinstance(await client.next_event(), h11.EndOfMessage)
-            assert len(delays) == 20
-            # an event buffered until the next one would be >= 30 ms late
-            assert max(delays) < 0.025, delays
+            assert len(delays) == 10
+            # An event held back until the next one would be >= 100 ms late; 80 ms leaves
+            # room for a JIT compile or a GC step on a loaded machine.
+            assert max(delays) < 0.08, delays
 
 
 async def test_20mb_download_sha256_and_bounded_buffering_for_slow_client() -> None:

@@ -222,20 +222,21 @@ async def test_reused_connection_dropped_before_answer_retries_get_not_post() ->
 async def test_client_abort_mid_sse_closes_upstream_promptly() -> None:
     async with Origin() as origin, running_proxy(origin.url) as proxy:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(b"GET /sse?n=500&interval=0.5 HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /sse?n=500&interval=2 HTTP/1.1\r\nHost: x\r\n\r\n")
         await writer.drain()
         data = b""
         while b"data: " not in data:
             data += await reader.read(4096)
-        # The origin now waits 0.5 s before its next event: only the proxy
+        # The origin now waits 2 s before its next event: only the proxy
         # closing the upstream connection can end it early.
         aborted_at = time.monotonic()
         writer.transport.abort()
         await asyncio.wait_for(origin.connections[0].closed.wait(), 5)
         closed_at = origin.connections[0].closed_at
         assert closed_at is not None
-        # 0.5 s would mean the origin only noticed on its next write
-        assert closed_at - aborted_at < 0.1, closed_at - aborted_at
+        # 2 s would mean the origin only noticed on its next write; the margin is for
+        # a loaded machine under PyPy
+        assert closed_at - aborted_at < 0.5, closed_at - aborted_at
         assert proxy.pool.size == 0
 
 
