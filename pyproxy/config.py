@@ -333,6 +333,14 @@ OPTIONS: Tuple[Option, ...] = (
         metavar="BYTES",
     ),
     Option(
+        "inflight_buffer_bytes",
+        _int_at_least(0),
+        64 * 1024 * 1024,
+        "response bytes all requests in flight may keep together, for the cache and for late"
+        " joiners (past it, a response is relayed without being kept)",
+        metavar="BYTES",
+    ),
+    Option(
         "admin_listen",
         _listen_or_off,
         ("127.0.0.1", 9901),
@@ -409,6 +417,7 @@ class Settings:
     dedup_enabled: bool = True
     dedup_replay_bytes: int = 1024 * 1024
     dedup_max_backlog: int = 4 * 1024 * 1024
+    inflight_buffer_bytes: int = 64 * 1024 * 1024
     admin_listen: Optional[Tuple[str, int]] = ("127.0.0.1", 9901)
     health_path: Optional[bytes] = b"/health"
     health_interval: float = 10.0

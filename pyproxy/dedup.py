@@ -8,6 +8,12 @@ of what was relayed so far; the replay buffer is bounded, and once a response
 outgrows it the fetch leaves the in-flight table, so later requests make their
 own upstream call.
 
+What fetches keep (for late joiners, and for the cache's recording) is bounded
+twice: per response (``dedup_replay_bytes``, ``cache_max_object_bytes``) and in
+total (``inflight_buffer_bytes``). A response that would take the total past its
+bound is relayed without being kept: nobody joins it and it is not stored, but
+every subscriber still gets all of it.
+
 Policies (see the README):
 
 - *independence*: a subscriber leaving affects nobody else; only when the
@@ -44,7 +50,16 @@ _AGE_ZERO = [(b"age", b"0")]
 
 
 class DedupStats:
-    __slots__ = ("leaders", "followers", "replays", "dropped_slow", "vary_mismatch", "in_flight")
+    __slots__ = (
+        "leaders",
+        "followers",
+        "replays",
+        "dropped_slow",
+        "vary_mismatch",
+        "in_flight",
+        "retained_bytes",  # kept by all fetches now; at most inflight_buffer_bytes
+        "over_budget",  # responses not kept because that total was at its bound
+    )
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -176,7 +191,8 @@ class Fetch:
                 client.cache_status = value
         client.dedup_status = b"follower" if self.subscribers[0] is not sub or self.background else b"leader"
         if self.response_started:
-            # A mid-stream joiner: everything so far, then the live rest.
+            # A mid-stream joiner: everything so far, then the live rest (a fetch is
+            # only joinable while it keeps everything so far).
             self.coalescer.stats.replays += 1
             client.upstream_ttfb = self.upstream_ttfb
             client.start_response(self._status, self._reason, self._headers_for(sub))
@@ -201,6 +217,7 @@ class Fetch:
         """Nobody wants the response any more: close the upstream so it stops generating."""
         self.finished = True
         self.coalescer.remove(self)
+        self._release()
         abandon(self)
 
     def subscriber_paused(self) -> None:
@@ -235,6 +252,7 @@ class Fetch:
             self.joinable = False
             self.recording = None
             self.coalescer.remove(self)
+            self._release()
             return
         upstream_x_cache = False
         self._age_missing = True
@@ -264,9 +282,12 @@ class Fetch:
             return
         chunks = self._chunks
         if chunks is not None:
-            self._buffered += len(data)
+            size = len(data)
+            self._buffered += size
             chunks.append(data)
-            if self._buffered > self._keep_limit:
+            stats = self.coalescer.stats
+            stats.retained_bytes += size
+            if self._buffered > self._keep_limit or stats.retained_bytes > self.coalescer.retained_limit:
                 self._outgrown()
         for sub in self.subscribers:
             sub.client.send_data(data)
@@ -295,6 +316,7 @@ class Fetch:
         recording = self.recording
         if recording is not None and self._chunks is not None:
             recording.finish(b"".join(self._chunks))
+        self._release()
         for sub in self.take_subscribers():
             sub.client.finish_response()
 
@@ -320,6 +342,7 @@ class Fetch:
         self.finished = True
         self.recording = None  # failures are never stored
         self.coalescer.remove(self)
+        self._release()
         self.exchange = None
         self.task = None
 
@@ -332,21 +355,38 @@ class Fetch:
     def _outgrown(self, size: int = 0) -> None:
         """Retained (or declared) bytes passed a limit: drop whoever needed less.
         Afterwards ``_keep_limit`` is the next limit, and nothing is kept when
-        neither the cache nor late joiners can use it any more."""
+        neither the cache nor late joiners can use it any more, or when keeping it
+        would take what all fetches keep past ``inflight_buffer_bytes``."""
+        coalescer = self.coalescer
         size = max(size, self._buffered)
         recording = self.recording
         if recording is not None and size > recording.max_bytes:
             recording.too_large()
             self.recording = recording = None
-        if self.joinable and size > self.coalescer.replay_bytes:
+        if self.joinable and size > coalescer.replay_bytes:
             self.joinable = False
-            self.coalescer.remove(self)  # later requests fetch on their own
+            coalescer.remove(self)  # later requests fetch on their own
+        if (recording is not None or self.joinable) and (
+            coalescer.stats.retained_bytes + size - self._buffered > coalescer.retained_limit
+        ):
+            coalescer.stats.over_budget += 1
+            self.recording = recording = None
+            if self.joinable:
+                self.joinable = False
+                coalescer.remove(self)
         limits = [recording.max_bytes] if recording is not None else []
         if self.joinable:
-            limits.append(self.coalescer.replay_bytes)
+            limits.append(coalescer.replay_bytes)
         if limits:
             self._keep_limit = min(limits)
         else:
+            self._release()
+
+    def _release(self) -> None:
+        """Keep nothing more, and give back what was kept."""
+        if self._chunks is not None:
+            self.coalescer.stats.retained_bytes -= self._buffered
+            self._buffered = 0
             self._chunks = None
 
     def _check_vary(self, headers: List[Header]) -> None:
@@ -371,9 +411,10 @@ class Fetch:
 class Coalescer:
     """The table of fetches in flight that a request may join, by key."""
 
-    def __init__(self, replay_bytes: int, max_backlog: int) -> None:
+    def __init__(self, replay_bytes: int, max_backlog: int, retained_limit: int = 64 * 1024 * 1024) -> None:
         self.replay_bytes = replay_bytes
         self.max_backlog = max_backlog
+        self.retained_limit = retained_limit  # what all fetches may keep together
         self.stats = DedupStats()
         self._in_flight: Dict[bytes, Fetch] = {}
 

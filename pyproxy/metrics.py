@@ -242,9 +242,16 @@ class SnapshotCollector:
             ("followers", "Requests served by another request's fetch"),
             ("replays", "Followers that joined mid-response"),
             ("dropped_slow", "Coalesced clients disconnected for falling behind"),
+            ("over_budget", "Responses relayed without being kept: in-flight buffers were at their bound"),
         ):
             yield _single(CounterMetricFamily, f"proxy_dedup_{name}", help_text, dedup[name])
         yield _single(GaugeMetricFamily, "proxy_dedup_in_flight", "Coalescable fetches in flight", dedup["in_flight"])
+        yield _single(
+            GaugeMetricFamily,
+            "proxy_inflight_buffer_bytes",
+            "Response bytes kept by requests in flight, for the cache and late joiners",
+            dedup["retained_bytes"],
+        )
 
 
 def _buckets(hist: Dict[str, Any]) -> List[Tuple[str, float]]:

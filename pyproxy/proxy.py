@@ -42,7 +42,9 @@ class Proxy:
         self.loop = loop or asyncio.get_event_loop()
         self.pool = ConnectionPool(settings.upstream, settings, self.loop)
         self.cache: Optional[Cache] = Cache(settings, self.loop, clock) if settings.cache_enabled else None
-        self.coalescer = Coalescer(settings.dedup_replay_bytes, settings.dedup_max_backlog)
+        self.coalescer = Coalescer(
+            settings.dedup_replay_bytes, settings.dedup_max_backlog, settings.inflight_buffer_bytes
+        )
         self.metrics = RequestMetrics()
         self.endpoints = Endpoints(settings)
         self.handler = Handler(settings, self.pool, self.cache, self.coalescer, self.metrics)

@@ -340,6 +340,7 @@ async def test_memory_bound_holds_under_a_flood_of_distinct_keys() -> None:
                 assert store.bytes_used <= 64 * 1024 and len(store) <= 50  # type: ignore[union-attr]
         assert proxy.cache is not None and proxy.cache.stats.evictions >= 350
         assert len(proxy.coalescer) == 0  # nothing left in flight
+        assert proxy.coalescer.stats.retained_bytes == 0  # nor kept for one
 
 
 async def test_objects_over_the_limit_are_relayed_not_stored() -> None:

@@ -199,6 +199,7 @@ async def test_all_clients_leaving_closes_the_upstream_promptly() -> None:
         closed_after = origin.connections[0].closed_at - left  # type: ignore[operator]
         assert closed_after < 0.5, closed_after  # at once, with a margin for a loaded PyPy
         await wait_until(lambda: len(proxy.coalescer) == 0)
+        assert proxy.coalescer.stats.retained_bytes == 0  # the replay buffer was given back
 
 
 async def test_two_tenants_never_share_a_fetch() -> None:
@@ -229,10 +230,8 @@ async def test_upstream_reset_mid_stream_truncates_every_subscriber() -> None:
             reader = await task
             assert not reader.complete and len(reader.events) == 4
             await client.close()
-        # The next request is a fresh fetch: failures are never shared afterwards.
-        gate2 = Gate()
-        gate2.open.set()
-        assert len(proxy.coalescer) == 0
+        # Nothing of the failed fetch stays: not in the table, not in the buffers.
+        assert len(proxy.coalescer) == 0 and proxy.coalescer.stats.retained_bytes == 0
 
 
 async def test_upstream_failure_before_the_response_reaches_everyone_alike() -> None:
@@ -359,3 +358,61 @@ async def test_dedup_and_cache_together_one_fetch_then_hits() -> None:
         assert {(await t).header(b"x-cache") for t in tasks} == {b"MISS"}
         assert (await request(proxy.port, b"GET", b"/v1/models")).header(b"x-cache") == b"HIT"
         assert count(origin, b"/v1/models") == 1
+
+
+async def test_what_fetches_keep_is_bounded_in_total() -> None:
+    """Four distinct responses of 200 KiB each, held half-way at the origin, against a
+    300 KiB total: three keep their first halves (and may be joined), the fourth is
+    relayed without being kept, so a request for it makes its own upstream call.
+    Everyone still gets every byte, and the total never passes its bound."""
+    half = 100 * 1024
+    limit = 3 * half
+    gate = Gate()
+    async with (
+        Origin() as origin,
+        running_proxy(origin.url, inflight_buffer_bytes=limit, **NO_CACHE) as proxy,
+    ):
+
+        @origin.route(b"/halves")
+        async def halves(req: Received, reply: Reply) -> None:
+            fill = req.target[-1:]
+            await reply.head(200, [(b"content-type", b"application/octet-stream")])
+            await reply.data(fill * half)
+            await gate.wait()
+            await reply.data(fill * half)
+            await reply.end()
+
+        stats = proxy.coalescer.stats
+        peak = [0]
+
+        async def fetch(i: int) -> Response:
+            return await request(proxy.port, b"GET", b"/halves?%d" % i)
+
+        def retained_is(n: int) -> bool:
+            peak[0] = max(peak[0], stats.retained_bytes)
+            return stats.retained_bytes == n
+
+        tasks = []
+        for i in range(3):
+            tasks.append(asyncio.ensure_future(fetch(i)))
+            await wait_until(lambda i=i: retained_is((i + 1) * half))  # type: ignore[misc]
+        tasks.append(asyncio.ensure_future(fetch(3)))
+        await wait_until(lambda: stats.over_budget == 1 and count(origin, b"/halves") == 4)
+        # A request for a kept response joins it; one for the unkept response cannot.
+        tasks.append(asyncio.ensure_future(fetch(0)))
+        tasks.append(asyncio.ensure_future(fetch(3)))
+        await wait_until(lambda: stats.followers == 1 and count(origin, b"/halves") == 5)
+        await wait_until(lambda: stats.over_budget == 2)  # the second /halves?3 found no room either
+        assert retained_is(limit)
+        gate.open.set()
+        while not all(task.done() for task in tasks):
+            retained_is(-1)  # record the peak while the second halves stream through
+            await asyncio.sleep(0.001)
+        responses = [task.result() for task in tasks]
+        for i, resp in zip([0, 1, 2, 3, 0, 3], responses):
+            assert resp.status == 200 and resp.complete
+            assert resp.body == str(i).encode() * (2 * half)
+        assert peak[0] <= limit, peak[0]
+        assert stats.retained_bytes == 0 and len(proxy.coalescer) == 0
+        assert [r.target for r in origin.requests].count(b"/halves?0") == 1
+        assert [r.target for r in origin.requests].count(b"/halves?3") == 2

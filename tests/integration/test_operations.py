@@ -68,6 +68,9 @@ async def test_metrics_count_known_traffic_exactly() -> None:
         assert metric(text, "proxy_upstream_connections", {"state": "idle"}) == 1
         assert metric(text, "proxy_requests_in_flight") == 0
         assert "proxy_dedup_followers_total" in text and "proxy_cache_bytes" in text
+        # Every response is over: nothing is kept in flight.
+        assert metric(text, "proxy_inflight_buffer_bytes") == 0
+        assert metric(text, "proxy_dedup_over_budget_total") == 0
 
 
 async def test_upstream_errors_are_counted_by_kind() -> None:
