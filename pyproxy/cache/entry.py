@@ -162,12 +162,15 @@ class CachedResponse:
             if self.stream or len(self.body) < min_length or not should_compress(self.status, self.headers, 0):
                 variant = self._gzipped = False
             else:
-                body = gzip_whole(self.body, level)
-                headers = gzip_headers(self.headers) + [(b"content-length", b"%d" % len(body))]
-                head = serialize_response_head(self.status, self.reason, headers)[:-4]
-                variant = self._gzipped = (head, body)
-                self.size += len(head) + len(body)
+                variant = self._set_gzipped(gzip_whole(self.body, level))
         return variant or None
+
+    def _set_gzipped(self, body: bytes) -> Tuple[bytes, bytes]:
+        headers = gzip_headers(self.headers) + [(b"content-length", b"%d" % len(body))]
+        head = serialize_response_head(self.status, self.reason, headers)[:-4]
+        variant = self._gzipped = (head, body)
+        self.size += len(head) + len(body)
+        return variant
 
     def client_headers(self, cache_status: bytes, age: int) -> List[Header]:
         """For an h11-mode client: the headers, framing last as start_response expects."""
@@ -183,6 +186,11 @@ class CachedResponse:
     # --- storage format (the Redis backend) -------------------------------------------
 
     def to_bytes(self) -> bytes:
+        """The wire form for a shared store: magic, meta length, JSON meta, body, and
+        the gzip body when it was made (so a shared entry is compressed once, by its
+        writer, not on every hit of every reader)."""
+        variant = self._gzipped
+        gzip_body = variant[1] if isinstance(variant, tuple) else b""
         meta = json_dumps(
             {
                 "status": self.status,
@@ -196,9 +204,10 @@ class CachedResponse:
                 "sie": self.stale_if_error,
                 "vary_names": [n.decode("latin-1") for n in self.vary_names],
                 "vary_values": [v.decode("latin-1") for v in self.vary_values],
+                "gzip": len(gzip_body),
             }
         )
-        return b"".join((_MAGIC, _LEN.pack(len(meta)), meta, self.body))
+        return b"".join((_MAGIC, _LEN.pack(len(meta)), meta, self.body, gzip_body))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Optional["CachedResponse"]:
@@ -208,11 +217,15 @@ class CachedResponse:
         (meta_len,) = _LEN.unpack_from(data, 4)
         try:
             meta = json_loads(data[8 : 8 + meta_len])
-            return cls(
+            gzip_length = int(meta.get("gzip", 0))
+            body_end = len(data) - gzip_length
+            if gzip_length < 0 or body_end < 8 + meta_len:
+                return None
+            entry = cls(
                 int(meta["status"]),
                 meta["reason"].encode("latin-1"),
                 [(n.encode("latin-1"), v.encode("latin-1")) for n, v in meta["headers"]],
-                data[8 + meta_len :],
+                data[8 + meta_len : body_end],
                 stream=bool(meta["stream"]),
                 stored_at=float(meta["stored_at"]),
                 lifetime=float(meta["lifetime"]),
@@ -224,6 +237,9 @@ class CachedResponse:
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
+        if gzip_length:
+            entry._set_gzipped(data[body_end:])
+        return entry
 
 
 def strip_framing(headers: Sequence[Header]) -> List[Header]:

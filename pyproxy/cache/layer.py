@@ -90,8 +90,11 @@ class Recording:
             vary_names=freshness.vary,
             vary_values=vary_values(self.request_headers, freshness.vary),
         )
-        if self.cache.store.put(self.key, entry):
-            self.cache.stats.stores += 1
+        cache = self.cache
+        if cache.compress_on_store:
+            entry.gzipped(cache.gzip_level, cache.gzip_min_length)  # once, by the writer
+        if cache.store.put(self.key, entry):
+            cache.stats.stores += 1
 
 
 class Cache:
@@ -101,6 +104,9 @@ class Cache:
         self.max_object_bytes = settings.cache_max_object_bytes
         self.gzip_level = settings.gzip_level
         self.gzip_min_length = settings.gzip_min_length
+        # A shared store's entries carry their gzip form, made when stored: entries read
+        # from it live for one response, so a form made on a hit would be made every hit.
+        self.compress_on_store = settings.gzip and settings.cache_backend != "memory"
         self.rules = settings.cache_rules
         self.store: Union[MemoryStore, "RedisStore"]  # noqa: F821
         if settings.cache_backend == "memory":

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import time
 from typing import List
 
+import redis.asyncio
+
+from pyproxy.cache.entry import CachedResponse
+from pyproxy.cache.redis_store import NAMESPACE
 from tests.support.client import request, running_proxy
-from tests.support.origin import MODELS_BODY, Origin
+from tests.support.origin import MODELS_BODY, Origin, Received, Reply
 from tests.support.redis_server import RedisServer, free_port
 
 MODELS = b"/v1/models"
@@ -44,6 +50,40 @@ async def test_two_proxies_share_one_cache() -> None:
             await wait_until_async(lambda: redis_keys(server), 2)
             assert a.cache is not None and await a.cache.purge(path=MODELS) == 2
             assert (await request(b.port, b"GET", MODELS, AUTH)).header(b"x-cache") == b"MISS"
+
+
+async def test_gzip_form_is_made_by_the_writer_and_shared() -> None:
+    """An entry goes to Redis with its gzip form, so the instances reading it serve
+    gzip clients without compressing on every hit."""
+    big = json.dumps({"data": [{"id": f"model-{i}", "object": "model"} for i in range(200)]}).encode()
+    gzip_accepted = [(b"accept-encoding", b"gzip")]
+    async with RedisServer() as server, Origin() as origin:
+
+        @origin.route(MODELS)
+        async def models(req: Received, reply: Reply) -> None:
+            await reply.full(200, big)
+
+        async with (
+            running_proxy(origin.url, cache_backend=server.url) as a,
+            running_proxy(origin.url, cache_backend=server.url) as b,
+        ):
+            first = await request(a.port, b"GET", MODELS, AUTH)  # a client without gzip
+            assert first.header(b"x-cache") == b"MISS" and first.body == big
+            await wait_until_async(lambda: redis_keys(server), 1)
+            client = redis.asyncio.Redis.from_url(server.url)
+            try:
+                (key,) = await client.keys(NAMESPACE + b"*")
+                stored = CachedResponse.from_bytes(await client.get(key))
+            finally:
+                await client.aclose()
+            assert stored is not None and stored.body == big
+            size = stored.size
+            variant = stored.gzipped(1, 10**9)  # the stored form, whatever is asked now
+            assert variant is not None and gzip.decompress(variant[1]) == big and stored.size == size
+            hit = await request(b.port, b"GET", MODELS, AUTH + gzip_accepted)
+            assert hit.header(b"x-cache") == b"HIT" and hit.header(b"content-encoding") == b"gzip"
+            assert hit.body == variant[1]
+            assert models_hits(origin) == 1
 
 
 async def test_redis_killed_and_restarted_mid_test() -> None:

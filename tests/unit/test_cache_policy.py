@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 from email.utils import formatdate
 from typing import List, Tuple
 
@@ -364,6 +366,25 @@ def test_entry_wire_format_and_round_trip() -> None:
     assert copy.response_head(b"HIT", 7, close=True) == head
     assert CachedResponse.from_bytes(b"garbage") is None
     assert CachedResponse.from_bytes(b"PPC1\x00\x00\x00\x05{nope") is None
+
+
+def test_a_shared_entry_carries_its_gzip_form() -> None:
+    """Written with its gzip form, an entry read back has it without compressing again."""
+    body = json.dumps({"data": [{"id": f"model-{i}"} for i in range(200)]}).encode()
+    entry = make_entry(body=body)
+    variant = entry.gzipped(5, 1000)
+    assert variant is not None and gzip.decompress(variant[1]) == body
+    copy = CachedResponse.from_bytes(entry.to_bytes())
+    assert copy is not None and copy.body == body
+    size = copy.size
+    assert copy.gzipped(9, 1000) == variant  # level 9 would differ: it is the stored form
+    assert copy.size == size
+    # An entry written without one still round-trips, and decides for itself.
+    plain = CachedResponse.from_bytes(make_entry(body=body).to_bytes())
+    assert plain is not None and plain.body == body and plain.gzipped(5, 1000) == variant
+    # A meta that claims more gzip bytes than there are is not an entry.
+    wire = entry.to_bytes()
+    assert CachedResponse.from_bytes(wire.replace(b'"gzip":%d' % len(variant[1]), b'"gzip":99999999')) is None
 
 
 def test_event_stream_entries_keep_event_boundaries() -> None:
