@@ -42,7 +42,7 @@ _JOIN_BODY_BELOW = 16 * 1024
 class Recording:
     """A response on its way to the store, if the policy lets it in."""
 
-    __slots__ = ("cache", "key", "method", "rule", "request_headers", "max_bytes", "_entry_args")
+    __slots__ = ("cache", "key", "method", "rule", "request_headers", "max_bytes", "requested_at", "_entry_args")
 
     def __init__(
         self, cache: "Cache", key: bytes, method: bytes, rule: Optional[Rule], request_headers: Sequence[Header]
@@ -53,6 +53,7 @@ class Recording:
         self.rule = rule
         self.request_headers = request_headers
         self.max_bytes = cache.max_object_bytes
+        self.requested_at = cache.clock()  # the response's age includes its delay (§4.2.3)
         self._entry_args: Optional[Tuple[int, bytes, list, Freshness, bool]] = None
 
     def begin(self, status: int, reason: bytes, headers: Sequence[Header]) -> bool:
@@ -63,6 +64,7 @@ class Recording:
             response_headers=headers,
             rule=self.rule,
             now=self.cache.clock(),
+            request_time=self.requested_at,
         )
         if freshness is None:
             log.debug("not storing: %s", why)

@@ -243,6 +243,7 @@ def decide_storage(
     response_headers: Sequence[Header],
     rule: Optional[Rule],
     now: float,
+    request_time: Optional[float] = None,
 ) -> Tuple[Optional[Freshness], str]:
     """Whether a response may be stored by a shared cache, and with what freshness.
 
@@ -251,7 +252,8 @@ def decide_storage(
     GET/HEAD, supplies a TTL where the response gives none, overrides a response's
     ``no-cache`` (then the rule's TTL applies), and -- because rule entries are
     keyed by the caller's credentials -- lifts the Authorization rule of §3.5.
-    ``no-store``, ``private`` and Set-Cookie hold even under a rule.
+    ``no-store``, ``private`` and Set-Cookie hold even under a rule. ``now`` is when
+    the response arrived and ``request_time`` when its request was sent (§4.2.3).
     """
     if rule is None and method not in (b"GET", b"HEAD"):
         return None, "method not cacheable"  # §3: understood and cacheable methods only
@@ -295,11 +297,12 @@ def decide_storage(
         if rule is None or not 200 <= status < 300:
             return None, "no explicit freshness"  # heuristic freshness is never used
         lifetime = rule.ttl
-    # §4.2.3, without the response delay (pyproxy does not timestamp requests):
-    # the larger of the Age the upstream sent and what the Date implies.
+    # §4.2.3: the larger of what the Date implies and the Age the upstream sent
+    # plus the time the response took to come (it aged on the way).
     age_value = delta_seconds(fields.age) or 0
     apparent_age = max(0.0, now - date) if date is not None else 0.0
-    initial_age = max(float(age_value), apparent_age)
+    response_delay = max(0.0, now - request_time) if request_time is not None else 0.0
+    initial_age = max(apparent_age, age_value + response_delay)
 
     if b"must-revalidate" in cc or b"proxy-revalidate" in cc or b"s-maxage" in cc:
         swr = sie = 0.0  # §5.2.2.2, §5.2.2.8, §5.2.2.10: never served stale

@@ -255,6 +255,30 @@ def test_age_is_the_larger_of_age_header_and_date_apparent_age() -> None:
         now=NOW,
     )
     assert f is not None and f.initial_age == 40.0
+    # The response took 6 s to come: the Age it carried is 6 s older on arrival
+    # (corrected_age_value), and beats an apparent age of 0 s.
+    f, _ = decide_storage(
+        method=b"GET",
+        status=200,
+        request_headers=[],
+        response_headers=[(b"cache-control", b"max-age=60"), (b"age", b"40"), (b"date", date(0))],
+        rule=None,
+        now=NOW,
+        request_time=NOW - 6,
+    )
+    assert f is not None and f.initial_age == 46.0
+    # Without an Age it still counts, but an older Date wins when it says more.
+    for date_offset, expected in ((0, 6.0), (-25, 25.0)):
+        f, _ = decide_storage(
+            method=b"GET",
+            status=200,
+            request_headers=[],
+            response_headers=[(b"cache-control", b"max-age=60"), (b"date", date(date_offset))],
+            rule=None,
+            now=NOW,
+            request_time=NOW - 6,
+        )
+        assert f is not None and f.initial_age == expected
 
 
 def test_stale_windows_from_response_or_rule_and_never_with_must_revalidate() -> None:
