@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from email.utils import formatdate
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 
@@ -235,50 +235,35 @@ def test_storage_rules(case: tuple) -> None:
         assert freshness.lifetime == lifetime
 
 
-def test_age_is_the_larger_of_age_header_and_date_apparent_age() -> None:
-    # §4.2.3: an upstream Age of 10, and a Date 25 s in the past: initial age 25.
+@pytest.mark.parametrize(
+    "age, date_offset, request_delay, expected",
+    [
+        (b"10", -25, None, 25.0),  # the Date says more than the Age
+        (b"40", 0, None, 40.0),  # the Age says more than the Date
+        # The response took 6 s to come: the Age it carried is 6 s older on
+        # arrival (corrected_age_value), and beats an apparent age of 0 s.
+        (b"40", 0, 6, 46.0),
+        (None, 0, 6, 6.0),  # without an Age the delay still counts...
+        (None, -25, 6, 25.0),  # ...but an older Date wins when it says more
+    ],
+)
+def test_initial_age_is_the_larger_of_corrected_age_and_apparent_age(
+    age: Optional[bytes], date_offset: int, request_delay: Optional[int], expected: float
+) -> None:
+    """§4.2.3: corrected_initial_age = max(apparent_age, age_value + response_delay)."""
+    headers = [(b"cache-control", b"max-age=60"), (b"date", date(date_offset))]
+    if age is not None:
+        headers.append((b"age", age))
     f, _ = decide_storage(
         method=b"GET",
         status=200,
         request_headers=[],
-        response_headers=[(b"cache-control", b"max-age=60"), (b"age", b"10"), (b"date", date(-25))],
+        response_headers=headers,
         rule=None,
         now=NOW,
+        request_time=None if request_delay is None else NOW - request_delay,
     )
-    assert f is not None and f.initial_age == 25.0
-    f, _ = decide_storage(
-        method=b"GET",
-        status=200,
-        request_headers=[],
-        response_headers=[(b"cache-control", b"max-age=60"), (b"age", b"40"), (b"date", date(0))],
-        rule=None,
-        now=NOW,
-    )
-    assert f is not None and f.initial_age == 40.0
-    # The response took 6 s to come: the Age it carried is 6 s older on arrival
-    # (corrected_age_value), and beats an apparent age of 0 s.
-    f, _ = decide_storage(
-        method=b"GET",
-        status=200,
-        request_headers=[],
-        response_headers=[(b"cache-control", b"max-age=60"), (b"age", b"40"), (b"date", date(0))],
-        rule=None,
-        now=NOW,
-        request_time=NOW - 6,
-    )
-    assert f is not None and f.initial_age == 46.0
-    # Without an Age it still counts, but an older Date wins when it says more.
-    for date_offset, expected in ((0, 6.0), (-25, 25.0)):
-        f, _ = decide_storage(
-            method=b"GET",
-            status=200,
-            request_headers=[],
-            response_headers=[(b"cache-control", b"max-age=60"), (b"date", date(date_offset))],
-            rule=None,
-            now=NOW,
-            request_time=NOW - 6,
-        )
-        assert f is not None and f.initial_age == expected
+    assert f is not None and f.initial_age == expected
 
 
 def test_stale_windows_from_response_or_rule_and_never_with_must_revalidate() -> None:
