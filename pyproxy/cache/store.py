@@ -123,7 +123,7 @@ class MemoryStore:
         if key is None or self._entries.get(key) is not entry:
             return  # no longer stored here: its bytes go when the last response using it ends
         self._bytes += delta
-        while self._bytes > self.max_bytes:
+        while self._entries and self._bytes > self.max_bytes:
             self._evict_oldest()
         self._update_gauges()
 
