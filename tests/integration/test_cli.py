@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import re
 import signal
 import socket
@@ -14,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
+from pyproxy.cli import PYPY_NURSERY
 from tests.support.client import Client
 from tests.support.origin import MODELS_BODY, Origin
 
@@ -144,7 +146,7 @@ class RunningCLI:
             self.log.append(line.decode())
 
 
-async def start_cli(*args: str) -> RunningCLI:
+async def start_cli(*args: str, env: Optional[Dict[str, str]] = None) -> RunningCLI:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -155,7 +157,7 @@ async def start_cli(*args: str) -> RunningCLI:
         *args,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env=_env(),
+        env=_env() if env is None else env,
         cwd=str(ROOT),
     )
     assert process.stderr is not None
@@ -217,3 +219,29 @@ async def test_drain_timeout_bounds_shutdown_and_truncates() -> None:
             if cli.process.returncode is None:
                 cli.process.kill()
                 await cli.process.wait()
+
+
+@pytest.mark.parametrize("preset", [None, "2MB"])
+async def test_pypy_runs_with_a_larger_gc_nursery_unless_one_is_set(preset: Optional[str]) -> None:
+    """On PyPy, ``-m pyproxy`` re-executes itself once (same pid) with PYPY_GC_NURSERY=32MB;
+    a size the user set is kept; on CPython the environment is left alone."""
+    env = {k: v for k, v in _env().items() if k != "PYPY_GC_NURSERY"}
+    if preset is not None:
+        env["PYPY_GC_NURSERY"] = preset
+    async with Origin() as origin:
+        cli = await start_cli("--upstream", origin.url, env=env)
+        try:
+            async with await Client.connect(cli.port) as client:
+                assert (await client.request(b"GET", b"/v1/models")).body == MODELS_BODY
+            environ = Path(f"/proc/{cli.process.pid}/environ").read_bytes().split(b"\0")
+            nursery = [entry.split(b"=", 1)[1] for entry in environ if entry.startswith(b"PYPY_GC_NURSERY=")]
+            if preset is not None:
+                expected = [preset.encode()]
+            elif platform.python_implementation() == "PyPy":
+                expected = [PYPY_NURSERY.encode()]
+            else:
+                expected = []
+            assert nursery == expected
+        finally:
+            cli.process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(cli.process.wait(), 20) == 0

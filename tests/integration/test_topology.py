@@ -14,6 +14,7 @@ from typing import Dict, List
 
 import yaml
 
+from pyproxy.cli import PYPY_NURSERY
 from tests.integration.test_cli import ROOT, _env
 from tests.support.client import request
 from tests.support.origin import MODELS_BODY, Origin
@@ -72,6 +73,7 @@ def test_compose_file_describes_the_topology() -> None:
     assert "FROM debian:bookworm" in dockerfile and "pypy3" in dockerfile
     assert "USER pyproxy" in dockerfile and "HEALTHCHECK" in dockerfile and "/health" in dockerfile
     assert 'ENTRYPOINT ["pypy3", "-m", "pyproxy"]' in dockerfile
+    assert f"PYPY_GC_NURSERY={PYPY_NURSERY}" in dockerfile  # what pyproxy would re-execute itself to get
 
 
 def test_nginx_accepts_the_deploy_config(tmp_path: Path) -> None:
