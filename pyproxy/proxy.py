@@ -26,6 +26,9 @@ log = logging.getLogger("pyproxy")
 # On shutdown, an idle client connection gets this long to deliver a request
 # that may already be on its way before it is closed.
 DRAIN_IDLE_GRACE = 1.0
+# On shutdown, how long connections already accepted may take to be set up (to
+# reach connection_made) before draining goes on without them.
+SETUP_SETTLE_TIMEOUT = 1.0
 
 
 class Proxy:
@@ -60,6 +63,8 @@ class Proxy:
         # stdlib loop: read into a reused buffer (see ReusedBufferReads)
         self._protocol = ClientConnection if is_uvloop(self.loop) else BufferedClientConnection
         self._all_closed: Optional[asyncio.Event] = None
+        self._setting_up = 0  # accepted connections whose connection_made has not run yet
+        self._drain_grace: Optional[float] = None  # set once draining: for late arrivals
 
     async def start(self, sock: Optional[socket.socket] = None, *, admin: bool = True) -> None:
         """Listen (on ``sock`` if given: a worker's inherited socket). ``admin``: run the
@@ -69,11 +74,11 @@ class Proxy:
             self.access_log = AccessLog(settings.access_log, settings.access_log_format)
         try:
             if sock is not None:
-                self._server = await self.loop.create_server(lambda: self._protocol(self), sock=sock, backlog=2048)
+                self._server = await self.loop.create_server(self._new_connection, sock=sock, backlog=2048)
             else:
                 host, port = self.settings.listen
                 self._server = await self.loop.create_server(
-                    lambda: self._protocol(self), host, port, reuse_address=True, backlog=2048
+                    self._new_connection, host, port, reuse_address=True, backlog=2048
                 )
         except OSError as exc:
             await self._stop_aux()
@@ -118,8 +123,17 @@ class Proxy:
                 client.request_id.decode("latin-1"),
             )
 
+    def _new_connection(self) -> ClientConnection:
+        """The protocol factory: a connection taken from the listening socket, not yet
+        set up (its connection_made comes at least one loop iteration later)."""
+        self._setting_up += 1
+        return self._protocol(self)
+
     def connection_opened(self, conn: ClientConnection) -> None:
+        self._setting_up -= 1
         self.connections.add(conn)
+        if self._drain_grace is not None:  # accepted before stop(), set up after it
+            conn.begin_drain(self._drain_grace)
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
@@ -132,7 +146,7 @@ class Proxy:
             drain_timeout = self.settings.drain_timeout
         self.draining = True
         if self._server is not None:
-            self._server.close()
+            await self._stop_accepting(self._server)
         # Logged only once the listening socket is closed: whoever reads this
         # line may rely on new connections being refused.
         log.info(
@@ -141,7 +155,7 @@ class Proxy:
             drain_timeout,
         )
         self._all_closed = asyncio.Event()
-        grace = min(DRAIN_IDLE_GRACE, drain_timeout / 2)
+        grace = self._drain_grace = min(DRAIN_IDLE_GRACE, drain_timeout / 2)
         for conn in list(self.connections):
             conn.begin_drain(grace)
         if self.connections:
@@ -160,6 +174,26 @@ class Proxy:
             await self._server.wait_closed()
         # Let the transports' connection_lost callbacks run before the loop ends.
         await asyncio.sleep(0)
+
+    async def _stop_accepting(self, server: asyncio.AbstractServer) -> None:
+        """Close the listener without dropping a connection already taken from it.
+
+        Both loops accept in a batch and set each connection up a loop iteration or
+        more later. asyncio's Server.close() makes those pending setups fail (CPython
+        gh-109564: Server._attach asserts), so the client is reset even though the
+        kernel had handed its connection to this process. So: stop reading the
+        listening sockets first, let the setups already scheduled take their first
+        step, close, then wait for every accepted connection to be set up; each then
+        drains like any other. With a listening socket shared by workers, whatever
+        was not accepted stays queued for the others."""
+        loop = self.loop
+        for sock in server.sockets or ():
+            loop.remove_reader(sock.fileno())  # asyncio's accept callback; a no-op on uvloop
+        await asyncio.sleep(0)
+        server.close()
+        deadline = loop.time() + SETUP_SETTLE_TIMEOUT
+        while self._setting_up > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.001)
 
     async def _stop_aux(self) -> None:
         await self.probe.stop()

@@ -7,13 +7,16 @@ import asyncio
 import gzip
 import json
 import re
+import socket
 import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import h11
+import pytest
 
-from tests.support.client import Client, request, running_proxy, wait_until
+from pyproxy.proxy import Proxy
+from tests.support.client import Client, make_settings, request, running_proxy, wait_until
 from tests.support.origin import MODELS_BODY, Origin, Received, Reply
 
 ADMIN = dict(admin_listen=("127.0.0.1", 0))
@@ -355,3 +358,62 @@ async def test_pool_grows_under_load_sheds_idle_after_and_the_gauges_show_it() -
             assert loop.time() < deadline, "idle connections above the keep-alive bound were never shed"
             await asyncio.sleep(0.05)
         assert await gauge("active") == 0 and await gauge("idle") == 2
+
+
+async def _answer_as_another_worker(listener: socket.socket) -> int:
+    """Accept what is still queued on a shared listening socket and answer it, as the
+    other workers sharing the socket would. Returns how many were queued."""
+    loop = asyncio.get_running_loop()
+    answered = 0
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return answered
+        conn.setblocking(False)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await loop.sock_recv(conn, 4096)
+        await loop.sock_sendall(conn, b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nother")
+        conn.close()
+        answered += 1
+
+
+@pytest.mark.parametrize("yields", range(8))
+async def test_stop_serves_every_connection_it_accepted(yields: int) -> None:
+    """A worker that stops (reload, SIGTERM) must answer every connection it has taken
+    from the shared listening socket; the rest stay queued there for the other workers.
+    asyncio's Server.close() drops connections accepted from the kernel whose setup
+    task has not run yet (CPython gh-109564): those clients saw a reset."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    listener.setblocking(False)
+    other_worker = listener.dup()  # keeps the socket (and its queue) alive past the proxy
+    port = listener.getsockname()[1]
+    async with Origin() as origin:
+        proxy = Proxy(make_settings(origin.url), asyncio.get_running_loop())
+        await proxy.start(sock=listener, admin=False)
+
+        async def one() -> Tuple[int, bytes]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            raw = await asyncio.wait_for(reader.read(), 10)  # every answer here ends in close
+            writer.close()
+            head, _, body = raw.partition(b"\r\n\r\n")
+            return int(head.split(b" ", 2)[1]), body
+
+        clients = [asyncio.ensure_future(one()) for _ in range(20)]
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        await proxy.stop(drain_timeout=5)
+        other_worker.setblocking(False)
+        try:
+            queued = await _answer_as_another_worker(other_worker)
+            results = await asyncio.gather(*clients, return_exceptions=True)
+        finally:
+            other_worker.close()
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert errors == [], errors[:3]
+        served_here = sum(1 for _, body in results if body == MODELS_BODY)  # type: ignore[misc]
+        assert served_here + queued == 20 and all(status == 200 for status, _ in results)  # type: ignore[misc]
