@@ -33,7 +33,9 @@ PYPY_NURSERY = "32MB"
 def use_pypy_nursery(args: List[str]) -> None:
     """On PyPy without PYPY_GC_NURSERY set: set it and run this command again in
     this process (execv keeps the pid, so supervisors and tests see no change).
-    Setting PYPY_GC_NURSERY yourself, to any size, keeps it and skips this."""
+    Setting PYPY_GC_NURSERY yourself, to any size, keeps it and skips this.
+    Interpreter options (-X, -O) are not carried over: Python 3.9 has no
+    sys.orig_argv to rebuild them from."""
     if platform.python_implementation() != "PyPy" or "PYPY_GC_NURSERY" in os.environ or not sys.executable:
         return
     os.environ["PYPY_GC_NURSERY"] = PYPY_NURSERY
