@@ -26,3 +26,12 @@ def test_readme_documents_every_option() -> None:
     readme = _readme()
     for option in OPTIONS:
         assert f"`{option.flag}" in readme, option.flag
+
+
+def test_every_source_directory_is_a_package_the_wheel_includes() -> None:
+    """setup.cfg finds packages (``packages = find:``), which skips a directory without
+    __init__.py: tests run from the checkout would still pass while an installed
+    pyproxy could not import it."""
+    source_dirs = {path.parent for path in (ROOT / "pyproxy").rglob("*.py") if "__pycache__" not in path.parts}
+    missing = sorted(str(d.relative_to(ROOT)) for d in source_dirs if not (d / "__init__.py").exists())
+    assert missing == []
