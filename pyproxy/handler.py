@@ -270,7 +270,7 @@ class Handler:
             if plan is ANSWERED:
                 return
             if body.complete and body.error is None:
-                self._keyed(client, request, framing, body, plan, body.take_buffered())
+                self._keyed(Keyed(self, client, request, framing, body, plan, body.take_buffered()))
             else:
                 client.task = client.loop.create_task(self._keyed_task(client, request, body, framing, plan))
             return
@@ -338,20 +338,9 @@ class Handler:
         except ProxyError as exc:
             client.send_error(exc)
             return
-        self._keyed_with(req)
+        self._keyed(req)
 
-    def _keyed(
-        self,
-        client: ClientConnection,
-        request: RequestHead,
-        framing: RequestFraming,
-        body: RequestBody,
-        plan: Plan,
-        chunks: List[bytes],
-    ) -> None:
-        self._keyed_with(Keyed(self, client, request, framing, body, plan, chunks))
-
-    def _keyed_with(self, req: "Keyed") -> None:
+    def _keyed(self, req: "Keyed") -> None:
         plan = req.plan
         if plan.needs_body:
             whole = b"".join(req.chunks)
