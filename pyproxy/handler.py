@@ -518,6 +518,15 @@ class Handler:
             client.exchange = exchange
             try:
                 if body.complete:
+                    # The body may have completed while a connection was found (a new
+                    # one takes a round trip): what arrived meanwhile is still in its
+                    # buffer and goes out with the rest, or the upstream waits forever.
+                    rest = body.take_buffered()
+                    if rest:
+                        sent = list(sent or ()) + rest
+                        if replay is not None and body.received <= REPLAY_LIMIT:
+                            replay.extend(rest)
+                        exchange.sent = sent
                     conn.start_exchange(exchange, outbound.method, outbound.head, outbound.chunked, sent, end=True)
                 else:
                     conn.start_exchange(exchange, outbound.method, outbound.head, outbound.chunked, sent)

@@ -117,6 +117,14 @@ class ConnectionPool:
             return conn
         return None
 
+    def close_idle(self) -> int:
+        """Close every idle connection (the next request opens a new one); returns how many."""
+        doomed = list(self.idle)
+        self.idle.clear()
+        for conn in doomed:
+            conn.close()
+        return len(doomed)
+
     def _close_all_idle(self, first: UpstreamConnection) -> None:
         doomed = [first] + list(self.idle)
         self.idle.clear()
