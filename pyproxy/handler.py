@@ -45,6 +45,10 @@ log = logging.getLogger("pyproxy.handler")
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 # Request bodies kept for a retry on a stale connection, at most this much.
 REPLAY_LIMIT = 64 * 1024
+# Retries of one request after reused connections died before answering. Each
+# retry opens a fresh connection, whose failure is not retried; a released
+# connection handed over at the pool's bound may be stale too, hence more than one.
+MAX_STALE_RETRIES = 3
 
 # The X-Cache line a fetched response carries, by the request's cache mode.
 _CACHE_HEADERS: Dict[Optional[str], Tuple[bytes, bytes]] = {
@@ -299,7 +303,7 @@ class Handler:
                     exchange.finished = True  # gone before use: nothing was sent
                     conn.detach()
                     sink.exchange = None
-        sink.task = sink.loop.create_task(self._run(sink, outbound, body, sent, retried=False))
+        sink.task = sink.loop.create_task(self._run(sink, outbound, body, sent, retries=0))
 
     def taskless_failed(self, exchange: Exchange, exc: ProxyError) -> None:
         """A taskless exchange failed before any response byte: retry if safe, else answer."""
@@ -308,7 +312,7 @@ class Handler:
         if self._may_retry(exc, exchange, exchange.outbound.method, exchange.body):
             self.pool.stats.stale_retries += 1
             client.task = client.loop.create_task(
-                self._run(client, exchange.outbound, exchange.body, exchange.sent, retried=True)
+                self._run(client, exchange.outbound, exchange.body, exchange.sent, retries=1)
             )
             return
         self._log_failure(exchange.outbound, exc)
@@ -331,7 +335,7 @@ class Handler:
                     break
                 req.chunks += got
                 if body.received > self.max_key_body:
-                    await self._run(client, req.outbound(), body, req.chunks, retried=False)
+                    await self._run(client, req.outbound(), body, req.chunks, retries=0)
                     return
         except (asyncio.CancelledError, ClientGone):
             return
@@ -481,7 +485,7 @@ class Handler:
             return
         # A body already complete goes out with the head.
         sent = body.take_buffered() if body.complete else []
-        await self._run(client, outbound, body, sent, retried=False)
+        await self._run(client, outbound, body, sent, retries=0)
 
     async def _run(
         self,
@@ -489,10 +493,10 @@ class Handler:
         outbound: Outbound,
         body: RequestBody,
         sent: Optional[List[bytes]],
-        retried: bool,
+        retries: int,
     ) -> None:
         try:
-            await self._attempts(client, outbound, body, sent, retried)
+            await self._attempts(client, outbound, body, sent, retries)
         except (asyncio.CancelledError, ClientGone):
             pass
         except ProxyError as exc:
@@ -508,12 +512,12 @@ class Handler:
         outbound: Outbound,
         body: RequestBody,
         sent: Optional[List[bytes]],
-        retried: bool,
+        retries: int,
     ) -> None:
         # Body chunks written so far, kept (up to REPLAY_LIMIT) for an idempotent retry.
         replay: Optional[List[bytes]] = list(sent or ()) if outbound.method in IDEMPOTENT_METHODS else None
         while True:
-            conn = await self.pool.acquire()
+            conn = await self.pool.acquire(fresh=retries > 0)
             exchange = Exchange(client, conn, body, self, outbound, sent, with_future=True)
             client.exchange = exchange
             try:
@@ -539,13 +543,13 @@ class Handler:
                 if not exchange.finished:
                     exchange.finished = True
                     conn.detach()
-                if retried or not isinstance(exc, UpstreamDisconnected):
+                if retries >= MAX_STALE_RETRIES or not isinstance(exc, UpstreamDisconnected):
                     raise
                 if not self._may_retry(exc, exchange, outbound.method, body):
                     raise
                 if exc.request_sent:
                     sent = replay
-                retried = True
+                retries += 1
                 self.pool.stats.stale_retries += 1
 
     @staticmethod

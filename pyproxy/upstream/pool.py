@@ -85,12 +85,19 @@ class ConnectionPool:
 
     # --- checkout ----------------------------------------------------------------
 
-    async def acquire(self) -> UpstreamConnection:
+    async def acquire(self, fresh: bool = False) -> UpstreamConnection:
+        """A connection for one exchange. ``fresh``: skip the idle ones (a retry after a
+        stale connection: the others idle as long may be stale too) and open a new one
+        while the bound allows; at the bound, a released connection is still taken."""
         if self.closed:
             raise UpstreamConnectError("proxy is shutting down")
-        conn = self.take_idle()
-        if conn is not None:
-            return conn
+        if not fresh:
+            conn = self.take_idle()
+            if conn is not None:
+                return conn
+        elif self.size >= self.max_connections and self.idle:
+            # Make room: an idle connection is the least useful use of the slot.
+            self.idle.popleft().close()
         if self.size < self.max_connections:
             return await self._open()
         grant = await self._wait_for_grant()

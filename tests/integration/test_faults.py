@@ -76,3 +76,73 @@ async def test_post_body_every_size_reaches_the_origin_whole(fresh: bool, pieces
             info = await _post(proxy.port, body, pieces=pieces)
             assert info["body_len"] == size, size
             assert info["body_sha256"] == hashlib.sha256(body).hexdigest(), size
+
+
+class FlakyKeepAliveOrigin(asyncio.Protocol):
+    """A fast raw origin whose idle keep-alive connections close after a random
+    0-``max_idle`` seconds -- sometimes just as the next request arrives. It answers
+    each GET with a small fixed response and counts what it received."""
+
+    requests = 0
+    connections = 0
+
+    def __init__(self, rng: random.Random, max_idle: float) -> None:
+        self.rng = rng
+        self.max_idle = max_idle
+        self.buf = b""
+        self.timer: "asyncio.TimerHandle | None" = None
+        self.transport: "asyncio.Transport | None" = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        type(self).connections += 1
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            _, self.buf = self.buf.split(b"\r\n\r\n", 1)
+            type(self).requests += 1
+            self.transport.write(  # type: ignore[union-attr]
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
+            )
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(self.rng.uniform(0, self.max_idle), self.transport.close)  # type: ignore
+
+    def connection_lost(self, exc: "BaseException | None") -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+async def test_stale_keepalive_storm_fails_no_get() -> None:
+    """Issue 10 item 6: idle connections closed by the origin after a random 0-20 ms.
+    Every GET whose connection died before a response byte is retried on a fresh
+    connection, however many pooled connections turn out stale, so none fails."""
+    loop = asyncio.get_running_loop()
+    rng = random.Random(6)
+
+    class Counting(FlakyKeepAliveOrigin):
+        requests = 0
+        connections = 0
+
+    server = await loop.create_server(lambda: Counting(rng, 0.02), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    statuses: List[int] = []
+    try:
+        async with running_proxy(f"http://127.0.0.1:{port}", cache_enabled=False, dedup_enabled=False) as proxy:
+
+            async def one_client(n: int) -> None:
+                async with await Client.connect(proxy.port) as client:
+                    for i in range(n):
+                        resp = await client.request(b"GET", b"/v1/items/%d" % i)
+                        statuses.append(resp.status)
+                        await asyncio.sleep(rng.uniform(0, 0.012))
+
+            await asyncio.wait_for(asyncio.gather(*(one_client(100) for _ in range(30))), 50)
+            assert len(statuses) == 3000
+            assert statuses.count(200) == 3000, {s: statuses.count(s) for s in set(statuses)}
+            assert proxy.pool.stats.stale_retries > 0  # the storm really hit stale connections
+    finally:
+        server.close()
+        await server.wait_closed()
