@@ -174,6 +174,11 @@ class Fetch:
         self.upstream_ttfb = -1.0  # set by the exchange, passed on to every subscriber
         self._age_missing = True
 
+    @property
+    def gone(self) -> bool:
+        """Nobody will read this response any more (the sink interface's question)."""
+        return self.finished
+
     # --- subscribers -------------------------------------------------------------------
 
     def subscribe(

@@ -518,6 +518,12 @@ class Handler:
         replay: Optional[List[bytes]] = list(sent or ()) if outbound.method in IDEMPOTENT_METHODS else None
         while True:
             conn = await self.pool.acquire(fresh=retries > 0)
+            if client.gone:
+                # The sink left while the connection was found, and the cancellation
+                # did not reach us (see ConnectionPool._open): the connection is
+                # unused and clean, and nobody wants a response.
+                self.pool.release(conn)
+                return
             exchange = Exchange(client, conn, body, self, outbound, sent, with_future=True)
             client.exchange = exchange
             try:

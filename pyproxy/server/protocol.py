@@ -515,6 +515,11 @@ class ClientConnection(asyncio.Protocol):
         return extra
 
     @property
+    def gone(self) -> bool:
+        """Nobody will read this response any more (the sink interface's question)."""
+        return self.closed
+
+    @property
     def writes_raw(self) -> bool:
         """Prebuilt response bytes may be written as they are (not in h11 mode)."""
         return self._mode != _H11

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import ssl
 from collections import deque
-from typing import Deque, Optional, Set, Union
+from typing import Any, Deque, Optional, Set, Union
 
 from pyproxy._compat import is_uvloop
 from pyproxy.config import Settings, Upstream
@@ -39,6 +39,14 @@ def make_ssl_context(cafile: Optional[str]) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=cafile)
     context.set_alpn_protocols(["http/1.1"])
     return context
+
+
+def _close_orphan(connect: "asyncio.Task[Any]") -> None:
+    """A connect nobody waits for any more finished: close what it opened."""
+    if connect.cancelled() or connect.exception() is not None:
+        return
+    _, conn = connect.result()
+    conn.close()
 
 
 class PoolStats:
@@ -177,32 +185,42 @@ class ConnectionPool:
         self.connecting += 1
         opened: Optional[UpstreamConnection] = None
         upstream = self.upstream
+        # The connect runs shielded, so that when the request is cancelled (its client
+        # left) or times out, a connection completing anyway is closed by
+        # _close_orphan instead of leaking: asyncio.wait_for alone drops such a
+        # connection on Python 3.9 (an open socket nobody owns), and on 3.11 returns
+        # it to the cancelled caller, swallowing the cancellation -- which is why the
+        # handler checks that its sink is still there after acquire().
+        connect = self.loop.create_task(
+            self.loop.create_connection(
+                lambda: self._protocol(self, self.loop, self.read_timeout),
+                upstream.host,
+                upstream.port,
+                ssl=self.ssl_context,
+                server_hostname=upstream.host if self.ssl_context is not None else None,
+            )
+        )
         try:
             try:
-                _, opened = await asyncio.wait_for(
-                    self.loop.create_connection(
-                        lambda: self._protocol(self, self.loop, self.read_timeout),
-                        upstream.host,
-                        upstream.port,
-                        ssl=self.ssl_context,
-                        server_hostname=upstream.host if self.ssl_context is not None else None,
-                    ),
-                    self.connect_timeout,
-                )
-            except asyncio.TimeoutError:
-                self.stats.connect_errors += 1
-                raise UpstreamTimeout(
-                    f"connecting to upstream {upstream.origin} timed out after {self.connect_timeout:g} s"
-                ) from None
-            except ssl.SSLError as exc:
-                self.stats.connect_errors += 1
-                raise UpstreamConnectError(
-                    f"TLS handshake with upstream {upstream.origin} failed: {exc.reason or exc}"
-                ) from None
-            except OSError as exc:
-                self.stats.connect_errors += 1
-                reason = exc.strerror or str(exc) or type(exc).__name__
-                raise UpstreamConnectError(f"cannot connect to upstream {upstream.origin}: {reason}") from None
+                _, opened = await asyncio.wait_for(asyncio.shield(connect), self.connect_timeout)
+            except (asyncio.CancelledError, asyncio.TimeoutError):
+                connect.cancel()
+                connect.add_done_callback(_close_orphan)
+                raise
+        except asyncio.TimeoutError:
+            self.stats.connect_errors += 1
+            raise UpstreamTimeout(
+                f"connecting to upstream {upstream.origin} timed out after {self.connect_timeout:g} s"
+            ) from None
+        except ssl.SSLError as exc:
+            self.stats.connect_errors += 1
+            raise UpstreamConnectError(
+                f"TLS handshake with upstream {upstream.origin} failed: {exc.reason or exc}"
+            ) from None
+        except OSError as exc:
+            self.stats.connect_errors += 1
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise UpstreamConnectError(f"cannot connect to upstream {upstream.origin}: {reason}") from None
         finally:
             self.connecting -= 1
             if opened is None:

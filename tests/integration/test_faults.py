@@ -146,3 +146,29 @@ async def test_stale_keepalive_storm_fails_no_get() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_client_aborts_close_every_upstream_exchange() -> None:
+    """Issue 10 item 8: clients abort distinct 10 s streams at random moments --
+    connecting, queued for the pool, head sent, streaming. Every abort must close
+    its upstream exchange: afterwards the origin has no open connection left and
+    the pool holds nothing."""
+    rng = random.Random(8)
+    async with Origin() as origin, running_proxy(origin.url, pool_connections=100, pool_timeout=30) as proxy:
+
+        async def stream_then_abort(i: int) -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"GET /sse?n=100&interval=0.1&id=%d HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n" % i)
+            await asyncio.sleep(rng.uniform(0, 1.5))
+            writer.transport.abort()  # type: ignore[attr-defined]
+
+        await asyncio.wait_for(asyncio.gather(*(stream_then_abort(i) for i in range(300))), 30)
+
+        def settled() -> bool:
+            return proxy.pool.size == 0 and all(c.closed_at is not None for c in origin.connections)
+
+        await wait_until(settled, timeout=10)
+        assert len(origin.requests) >= 100  # streams really reached the origin
+        assert all(c.closed_at is not None for c in origin.connections)
+        assert proxy.pool.size == 0 and not proxy.pool.waiters
+        await wait_until(lambda: not proxy.connections, timeout=5)
