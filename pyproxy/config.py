@@ -225,7 +225,12 @@ OPTIONS: Tuple[Option, ...] = (
         metavar="S",
     ),
     Option(
-        "pool_connections", _int_at_least(1), 100, "most upstream connections at once", ("HTTP_POOL_CONNECTIONS",), "N"
+        "pool_connections",
+        _int_at_least(1),
+        1000,
+        "most upstream connections at once (each concurrent stream holds one)",
+        ("HTTP_POOL_CONNECTIONS",),
+        "N",
     ),
     Option(
         "keepalive_connections",
@@ -259,8 +264,29 @@ OPTIONS: Tuple[Option, ...] = (
         "client_timeout",
         _positive_float,
         60.0,
-        "seconds a client may idle between requests or take to send a head",
+        "seconds a client may idle between requests",
         metavar="S",
+    ),
+    Option(
+        "header_timeout",
+        _positive_float,
+        10.0,
+        "seconds a request head may take from its first byte to its last (408 after)",
+        metavar="S",
+    ),
+    Option(
+        "body_timeout",
+        _positive_float,
+        30.0,
+        "window over which a request body's arrival rate is checked (408 when too slow)",
+        metavar="S",
+    ),
+    Option(
+        "body_min_rate",
+        _int_at_least(0),
+        1024,
+        "bytes per second a request body must average over each --body-timeout window",
+        metavar="BYTES",
     ),
     Option("drain_timeout", _positive_float, 30.0, "seconds in-flight requests get to finish on SIGTERM", metavar="S"),
     Option(
@@ -396,13 +422,16 @@ class Settings:
     upstream: Optional[Upstream] = None
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
-    pool_connections: int = 100
+    pool_connections: int = 1000
     keepalive_connections: int = 30
     keepalive_expiry: float = 4.0
     pool_timeout: float = 10.0
     max_body_size: int = 100 * 1024 * 1024
     max_header_size: int = 64 * 1024
     client_timeout: float = 60.0
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    body_min_rate: int = 1024
     drain_timeout: float = 30.0
     upstream_ca: Optional[str] = None
     allow_underscore_headers: bool = False

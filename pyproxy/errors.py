@@ -19,6 +19,7 @@ Headers = List[Tuple[bytes, bytes]]
 class ProxyError(Exception):
     kind = "internal"  # the label of the upstream-errors metric
     status = 500
+    limit = ""  # the label of proxy_limits_fired_total when a protective limit answered
     error_type = "proxy_error"
 
     def __init__(self, message: str, *, status: Optional[int] = None) -> None:
@@ -43,10 +44,12 @@ class BadRequest(ProxyError):
 
 class HeadersTooLarge(BadRequest):
     status = 431
+    limit = "header_size"
 
 
 class BodyTooLarge(BadRequest):
     status = 413
+    limit = "body_size"
 
 
 class MethodNotAllowed(BadRequest):
@@ -64,6 +67,18 @@ class ClientStalled(BadRequest):
     both its connection and the upstream one are closed (408 if nothing was sent)."""
 
     status = 408
+    limit = "client_stalled"
+
+
+class RequestTimeout(BadRequest):
+    """RFC 9110 §15.5.9: the request head did not arrive whole within --header-timeout,
+    or its body arrived slower than --body-min-rate (a slowloris)."""
+
+    status = 408
+
+    def __init__(self, message: str, *, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit  # header_timeout | body_timeout
 
 
 # --- the upstream's fault (5xx) ---

@@ -193,6 +193,7 @@ class Exchange(ExchangeListener):
         done = self.done
         if self.response_started:
             if isinstance(exc, ClientStalled):
+                self.handler.metrics.limit_fired(exc.limit)
                 log.info("closing a client that stopped reading: %s", exc.message)
                 self.client.abort_now()
             else:
@@ -518,11 +519,13 @@ class Handler:
         replay: Optional[List[bytes]] = list(sent or ()) if outbound.method in IDEMPOTENT_METHODS else None
         while True:
             conn = await self.pool.acquire(fresh=retries > 0)
-            if client.gone:
+            if client.gone or body.error is not None:
                 # The sink left while the connection was found, and the cancellation
-                # did not reach us (see ConnectionPool._open): the connection is
-                # unused and clean, and nobody wants a response.
+                # did not reach us (see ConnectionPool._open), or the body failed (too
+                # slow, malformed): the connection is unused and clean.
                 self.pool.release(conn)
+                if body.error is not None and not client.gone:
+                    raise body.error
                 return
             exchange = Exchange(client, conn, body, self, outbound, sent, with_future=True)
             client.exchange = exchange

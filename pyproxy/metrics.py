@@ -66,6 +66,12 @@ class RequestMetrics:
         self.bytes_in = 0
         self.bytes_out = 0
         self.upstream_errors: Dict[str, int] = {}
+        # Protective limits that fired, by limit (header_size, body_timeout, ...): so an
+        # operator can tell a slowloris or a flood from a bug.
+        self.limits: Dict[str, int] = {}
+
+    def limit_fired(self, limit: str) -> None:
+        self.limits[limit] = self.limits.get(limit, 0) + 1
 
     def request_done(
         self, endpoint: str, method: str, status: int, duration: float, ttfb: float, bytes_in: int, bytes_out: int
@@ -100,6 +106,12 @@ def snapshot(proxy: "Proxy") -> Dict[str, Any]:
         "bytes_out": m.bytes_out,
         "upstream_errors": dict(m.upstream_errors),
         "client_errors": proxy.stats_client_errors,
+        "limits": {
+            **m.limits,
+            "pool_timeout": pool.stats.pool_timeouts,
+            "inflight_buffer": proxy.coalescer.stats.over_budget,
+            "dedup_backlog": proxy.coalescer.stats.dropped_slow,
+        },
         "in_flight": sum(1 for c in proxy.connections if c.busy),
         "client_connections": len(proxy.connections),
         "pool": {
@@ -131,7 +143,7 @@ def merge_snapshots(snapshots: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             _add_hist(ttfb, key, hist)
         for name in ("bytes_in", "bytes_out", "client_errors", "in_flight", "client_connections"):
             merged[name] = merged.get(name, 0) + snap[name]
-        for group in ("pool", "dedup", "cache", "upstream_errors"):
+        for group in ("pool", "dedup", "cache", "upstream_errors", "limits"):
             if group in snap:
                 target = merged.setdefault(group, {})
                 for name, value in snap[group].items():
@@ -195,6 +207,14 @@ class SnapshotCollector:
         yield _single(
             CounterMetricFamily, "proxy_client_errors", "Malformed requests answered with a 4xx", snap["client_errors"]
         )
+        limits = CounterMetricFamily(
+            "proxy_limits_fired",
+            "Times a protective limit answered or cut a request, by limit",
+            labels=["limit"],
+        )
+        for limit, value in sorted(snap.get("limits", {}).items()):
+            limits.add_metric([limit], value)
+        yield limits
         errors = CounterMetricFamily("proxy_upstream_errors", "Upstream failures by kind", labels=["kind"])
         for kind, value in sorted(snap.get("upstream_errors", {}).items()):
             errors.add_metric([kind], value)

@@ -32,6 +32,7 @@ from pyproxy.errors import (
     HeadersTooLarge,
     MethodNotAllowed,
     ProxyError,
+    RequestTimeout,
     VersionNotSupported,
     error_response_parts,
 )
@@ -150,6 +151,9 @@ class ClientConnection(asyncio.Protocol):
         "must_close",
         "last_activity",
         "_timer",
+        "_head_started",
+        "_body_mark_at",
+        "_body_mark_bytes",
         "_max_body",
         "_max_head",
         "_write_paused",
@@ -190,6 +194,11 @@ class ClientConnection(asyncio.Protocol):
         self.must_close = False
         self.last_activity = 0.0
         self._timer: Optional[asyncio.TimerHandle] = None
+        # when the first byte of a request head still incomplete arrived (0: none)
+        self._head_started = 0.0
+        # the body rate window: since when, and how much of the body had arrived then
+        self._body_mark_at = 0.0
+        self._body_mark_bytes = 0
         self._max_body = proxy.settings.max_body_size
         self._max_head = proxy.settings.max_header_size
         self._write_paused = False
@@ -222,7 +231,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = str(peer[0]).encode("ascii") if peer else b"unknown"
         self.proxy.connection_opened(self)
         self.last_activity = self.loop.time()
-        self._timer = self.loop.call_later(self.proxy.settings.client_timeout, self._check_idle)
+        self._timer = self.loop.call_later(self.proxy.settings.client_timeout, self._check_deadlines)
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -282,6 +291,7 @@ class ClientConnection(asyncio.Protocol):
                         self._on_bad_input(HeadersTooLarge(f"request head is larger than {self._max_head} bytes"))
                     else:
                         self._buf = data
+                        self._head_pending()
                     return
                 if head is FALLBACK:
                     self._start_h11(data)
@@ -308,6 +318,8 @@ class ClientConnection(asyncio.Protocol):
                         else:
                             chunk, data = data[:length], data[length:]
                         self._on_body_bytes(chunk)
+                    if self._mode == _FAST_BODY:
+                        self._body_pending()
                 else:
                     self.body.feed_eof()  # type: ignore[union-attr]
                     self._mode = _FAST_DONE
@@ -356,6 +368,8 @@ class ClientConnection(asyncio.Protocol):
                 if self.body is not None:
                     self.body.feed_eof()
             elif event is _NEED_DATA:
+                if not self.busy:
+                    self._head_pending()  # h11 holds part of a request head
                 return
             elif event is _PAUSED:
                 # A pipelined request waits for the current response. Keep
@@ -388,6 +402,8 @@ class ClientConnection(asyncio.Protocol):
             self._on_bad_input(exc)
             return
         if self._begin_request(request, framing):
+            if framing.has_body:
+                self._body_pending()
             self.task = self.loop.create_task(self.proxy.handler.handle(self, request, self.body, framing))  # type: ignore
 
     # --- both paths ----------------------------------------------------------------------
@@ -400,6 +416,7 @@ class ClientConnection(asyncio.Protocol):
             return False
         self._method = request.method
         self.busy = True
+        self._head_started = 0.0
         self.body = RequestBody(self.loop, self._body_full, self._body_drained)
         self.started_at = self.loop.time()
         self.req_target = request.target
@@ -417,11 +434,17 @@ class ClientConnection(asyncio.Protocol):
         self.read_gate.pause(BODY_BUFFER_FULL)  # type: ignore[union-attr]
 
     def _body_drained(self) -> None:
+        if self.read_gate.reasons & BODY_BUFFER_FULL:  # type: ignore[union-attr]
+            # Reading resumes after we held the client back: its rate window starts now.
+            self._body_mark_at = self.loop.time()
+            self._body_mark_bytes = self.body.received if self.body is not None else 0
         self.read_gate.resume(BODY_BUFFER_FULL)  # type: ignore[union-attr]
 
     def _on_bad_input(self, exc: ProxyError) -> None:
         """Malformed input: never forwarded; answered (if we still can) and closed."""
         self.must_close = True
+        if exc.limit:
+            self.proxy.metrics.limit_fired(exc.limit)
         if self.busy:
             if self.task is not None and self.body is not None:
                 # A handler task owns this request: it answers (or truncates)
@@ -701,19 +724,77 @@ class ClientConnection(asyncio.Protocol):
         if not self.busy and not self.response_started and not self._buf:
             self.close()
 
-    def _check_idle(self) -> None:
+    # --- deadlines: one lazy timer per connection, moved earlier only when needed ---------
+
+    def _head_pending(self) -> None:
+        """Part of a request head is here: all of it must arrive within --header-timeout of
+        its first byte, however slowly it trickles in (a slowloris resets no timer)."""
+        if not self._head_started:
+            now = self._head_started = self.loop.time()
+            self._check_at(now + self.proxy.settings.header_timeout)
+
+    def _body_pending(self) -> None:
+        """A request body is still arriving: its rate is checked over --body-timeout windows."""
+        now = self._body_mark_at = self.loop.time()
+        self._body_mark_bytes = self.body.received if self.body is not None else 0
+        self._check_at(now + self.proxy.settings.body_timeout)
+
+    def _check_at(self, when: float) -> None:
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        if not self.closed:
+            self._timer = self.loop.call_at(when, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
         self._timer = None
         if self.closed:
             return
-        timeout = self.proxy.settings.client_timeout
+        settings = self.proxy.settings
+        now = self.loop.time()
         if not self.busy:
-            idle_for = self.loop.time() - self.last_activity
-            if idle_for >= timeout:
-                # Idle keep-alive, or a head that never completed (slowloris).
-                self.close()
-                return
-            timeout -= idle_for
-        self._timer = self.loop.call_later(timeout, self._check_idle)
+            started = self._head_started
+            if started:
+                if now - started >= settings.header_timeout:
+                    self._on_bad_input(
+                        RequestTimeout(
+                            f"request head not received whole within {settings.header_timeout:g} s",
+                            limit="header_timeout",
+                        )
+                    )
+                    return
+                when = started + settings.header_timeout
+            else:
+                idle_for = now - self.last_activity
+                if idle_for >= settings.client_timeout:
+                    self.proxy.metrics.limit_fired("idle_timeout")
+                    self.close()  # an idle keep-alive connection
+                    return
+                when = self.last_activity + settings.client_timeout
+        else:
+            body = self.body
+            if body is not None and not body.complete and body.error is None and self._body_mark_at:
+                if self.read_gate.reasons & BODY_BUFFER_FULL:  # type: ignore[union-attr]
+                    # We hold the client back (the upstream is slower): not its fault.
+                    self._body_mark_at, self._body_mark_bytes = now, body.received
+                elif now - self._body_mark_at >= settings.body_timeout:
+                    elapsed = now - self._body_mark_at
+                    if body.received - self._body_mark_bytes < max(1.0, settings.body_min_rate * elapsed):
+                        self._on_bad_input(
+                            RequestTimeout(
+                                f"request body arrived slower than {settings.body_min_rate} bytes/s "
+                                f"over {settings.body_timeout:g} s",
+                                limit="body_timeout",
+                            )
+                        )
+                        return
+                    self._body_mark_at, self._body_mark_bytes = now, body.received
+                when = self._body_mark_at + settings.body_timeout
+            else:
+                when = now + settings.client_timeout
+        self._timer = self.loop.call_at(when, self._check_deadlines)
 
 
 class BufferedClientConnection(ReusedBufferReads, ClientConnection, asyncio.BufferedProtocol):

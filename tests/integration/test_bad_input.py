@@ -172,18 +172,30 @@ async def test_hop_by_hop_and_connection_named_headers_removed_both_ways() -> No
         assert b"x-end-to-end" in sent_back
 
 
-async def test_idle_client_with_partial_head_is_closed() -> None:
+async def test_idle_client_with_partial_head_gets_408_and_is_closed() -> None:
     import asyncio
 
-    async with Origin() as origin, running_proxy(origin.url, client_timeout=0.3) as proxy:
+    async with Origin() as origin, running_proxy(origin.url, header_timeout=0.3) as proxy:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")  # never finished (slowloris)
         await writer.drain()
         data = await asyncio.wait_for(reader.read(), 10)
         writer.close()
         await writer.wait_closed()
-        assert data == b""
+        assert parse_raw_response(data).status == 408
         assert origin.raw_received == b""
+
+
+async def test_idle_keepalive_client_is_closed_silently() -> None:
+    import asyncio
+
+    async with Origin() as origin, running_proxy(origin.url, client_timeout=0.3) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        data = await asyncio.wait_for(reader.read(), 10)  # sends nothing at all
+        writer.close()
+        await writer.wait_closed()
+        assert data == b""
+        assert proxy.metrics.limits["idle_timeout"] == 1
 
 
 async def test_obs_fold_is_unfolded_not_forwarded_raw() -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import random
 from typing import List
 
 import h11
 import pytest
 
+from pyproxy.metrics import render, snapshot
 from tests.support.client import Client, running_proxy, wait_until
 from tests.support.origin import Origin, pattern_bytes
 
@@ -105,7 +105,7 @@ class FlakyKeepAliveOrigin(asyncio.Protocol):
             _, self.buf = self.buf.split(b"\r\n\r\n", 1)
             type(self).requests += 1
             self.transport.write(  # type: ignore[union-attr]
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
+                b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"ok":true}'
             )
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(self.rng.uniform(0, self.max_idle), self.transport.close)  # type: ignore
@@ -158,7 +158,9 @@ async def test_client_aborts_close_every_upstream_exchange() -> None:
 
         async def stream_then_abort(i: int) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-            writer.write(b"GET /sse?n=100&interval=0.1&id=%d HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n" % i)
+            writer.write(
+                b"GET /sse?n=100&interval=0.1&id=%d HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n" % i
+            )
             await asyncio.sleep(rng.uniform(0, 1.5))
             writer.transport.abort()  # type: ignore[attr-defined]
 
@@ -172,3 +174,98 @@ async def test_client_aborts_close_every_upstream_exchange() -> None:
         assert all(c.closed_at is not None for c in origin.connections)
         assert proxy.pool.size == 0 and not proxy.pool.waiters
         await wait_until(lambda: not proxy.connections, timeout=5)
+
+
+async def _read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    return await asyncio.wait_for(reader.read(), timeout)
+
+
+async def test_slowloris_heads_get_408_at_the_header_deadline() -> None:
+    """Issue 10 item 7: heads sent one byte at a time never completed and the idle timer
+    restarted on every byte. A head must arrive whole within --header-timeout of its
+    first byte: 408, then close -- however busy the trickle is."""
+    async with Origin() as origin, running_proxy(origin.url, client_timeout=30, header_timeout=1.0) as proxy:
+        head = b"GET /v1/models HTTP/1.1\r\nhost: x\r\nuser-agent: " + b"s" * 200 + b"\r\n\r\n"
+        loop = asyncio.get_running_loop()
+
+        async def trickle() -> "tuple[bytes, float]":
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            started = loop.time()
+            closed = asyncio.ensure_future(_read_until_closed(reader, 20))
+            try:
+                for byte in head:
+                    if closed.done():
+                        break
+                    writer.write(bytes([byte]))
+                    await asyncio.sleep(0.1)
+                answer = await closed
+                return answer, loop.time() - started
+            finally:
+                writer.close()
+
+        results = await asyncio.gather(*(trickle() for _ in range(200)))
+        for answer, took in results:
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
+            assert b"connection: close" in answer.lower()
+            # 1 s deadline; the head alone would take 23 s. A loaded PyPy gets 3 s of slack.
+            assert took < 4.0, took
+        assert origin.requests == []
+        assert proxy.metrics.limits["header_timeout"] == 200
+
+
+async def test_slow_body_gets_408_and_never_completes_upstream() -> None:
+    """A body trickled below --body-min-rate is cut with 408 after a --body-timeout
+    window; the upstream never sees it complete."""
+    async with Origin() as origin, running_proxy(origin.url, body_timeout=1.0, body_min_rate=1000) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            writer.write(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n" + b"a" * 500)
+            closed = asyncio.ensure_future(_read_until_closed(reader, 20))
+            for _ in range(100):
+                if closed.done():
+                    break
+                writer.write(b"b" * 10)  # 100 bytes/s
+                await asyncio.sleep(0.1)
+            answer = await closed
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
+        assert b"slower than 1000 bytes/s" in answer
+        assert origin.requests == []  # no complete request reached the origin
+        assert proxy.metrics.limits["body_timeout"] == 1
+        text, _ = render(lambda: snapshot(proxy))
+        assert b'proxy_limits_fired_total{limit="body_timeout"} 1.0' in text
+
+
+async def test_body_held_back_by_a_slow_upstream_is_not_cut() -> None:
+    """The rate check counts only time the proxy was reading: a client held back by
+    backpressure (the upstream reads nothing for 2.5 s) is not a slow client."""
+    size = 64 * 1024 * 1024  # far more than loopback's socket buffers hold
+    got = bytearray()
+
+    async def slow_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(2.5)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        got.extend(await reader.readexactly(length))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(slow_reader, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with running_proxy(
+            f"http://127.0.0.1:{port}", body_timeout=0.5, body_min_rate=1_000_000, read_timeout=30
+        ) as proxy:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % size)
+            writer.write(pattern_bytes(size))
+            answer = await asyncio.wait_for(reader.readuntil(b"ok"), 20)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:80]
+            assert len(got) == size
+            assert "body_timeout" not in proxy.metrics.limits
+    finally:
+        server.close()
+        await server.wait_closed()

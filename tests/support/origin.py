@@ -207,6 +207,8 @@ class Origin:
                 conn.start_next_cycle()
         except (ConnectionError, h11.RemoteProtocolError, h11.LocalProtocolError):
             return
+        except RuntimeError:
+            return  # uvloop: a read on a transport the peer's abort already closed
         except asyncio.CancelledError:
             return  # origin shutting down; asyncio's server callback must not see it
         finally:

@@ -14,7 +14,7 @@ def test_defaults() -> None:
     s = build_settings({"upstream": "http://127.0.0.1:9000"}, {})
     assert s.listen == ("127.0.0.1", 8080)
     assert (s.connect_timeout, s.read_timeout, s.keepalive_expiry) == (10.0, 300.0, 4.0)
-    assert (s.pool_connections, s.keepalive_connections) == (100, 30)
+    assert (s.pool_connections, s.keepalive_connections) == (1000, 30)
     assert s.allow_underscore_headers is False and s.loop == "auto"
 
 
