@@ -7,6 +7,7 @@ falls back to the standard library when they are missing.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import platform
 import sys
@@ -43,14 +44,40 @@ else:
 LOOP_CHOICES = ("auto", "asyncio", "uvloop")
 
 
-class LoopUnavailable(RuntimeError):
+# What to install for each optional package a setting may need.
+INSTALL_HINTS = {
+    "redis": "pip install 'pyproxy[redis]'",
+    "uvloop": "pip install 'pyproxy[speedups]' (CPython only; PyPy runs the stdlib loop)",
+    "tomli": "pip install tomli (Python < 3.11 reads TOML with it)",
+    "prometheus_client": "pip install prometheus_client",
+}
+
+
+class MissingDependency(RuntimeError):
+    """A setting needs an optional package that is not installed; the message is the one
+    line the user sees, saying what to install."""
+
+
+class LoopUnavailable(MissingDependency):
     """Asked for uvloop where it is not installed."""
+
+
+def require(module: str, needed_for: str) -> None:
+    """Fail at start, in one line, rather than with an ImportError traceback later."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise MissingDependency(
+            f"{needed_for} needs the {module} package, which is not installed: {INSTALL_HINTS[module]}"
+        )
 
 
 def new_event_loop(choice: str = "auto") -> asyncio.AbstractEventLoop:
     """A fresh event loop of the requested kind; ``auto`` prefers uvloop."""
     if choice == "uvloop" and _uvloop is None:
-        raise LoopUnavailable("--loop uvloop: uvloop is not installed for this interpreter")
+        raise LoopUnavailable(f"--loop uvloop: uvloop is not installed for this interpreter: {INSTALL_HINTS['uvloop']}")
     if choice in ("auto", "uvloop") and _uvloop is not None:
         return _uvloop.new_event_loop()
     return asyncio.new_event_loop()

@@ -15,7 +15,7 @@ import sys
 from typing import Any, Dict, List, Mapping, NoReturn, Optional, Tuple
 
 from pyproxy import __version__
-from pyproxy._compat import LoopUnavailable, describe_runtime, new_event_loop
+from pyproxy._compat import MissingDependency, describe_runtime, new_event_loop
 from pyproxy.config import OPTIONS, ConfigError, Settings, build_settings
 
 log = logging.getLogger("pyproxy")
@@ -177,7 +177,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv is None:  # run as a program, not called by other code
             use_pypy_nursery(args)
         loop = new_event_loop(settings.loop)
-    except (ConfigError, LoopUnavailable) as exc:
+    except (ConfigError, MissingDependency) as exc:
         sys.stderr.write(f"pyproxy: error: {exc}\n")
         return EXIT_USAGE
     configure_logging(settings.log_level)

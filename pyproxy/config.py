@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
-from pyproxy._compat import LOOP_CHOICES
+from pyproxy._compat import LOOP_CHOICES, MissingDependency, require
 from pyproxy.rules import (
     ANY_METHOD,
     CACHE_RULE_KEYS,
@@ -138,9 +138,20 @@ def _readable_file(value: Any) -> str:
 
 def _cache_backend(value: Any) -> str:
     text = str(value)
-    if text == "memory" or text.startswith(("redis://", "rediss://", "unix://")):
+    if text == "memory":
         return text
-    raise ConfigError(f"expected 'memory' or a redis:// URL, got {value!r}")
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"expected 'memory' or a redis:// URL, got {value!r}")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"not a valid Redis URL ({exc})") from None
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigError(f"a unix:// Redis URL needs a socket path, got {value!r}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"a Redis URL needs a host, got {value!r}")
+    return text
 
 
 def _header_names(value: Any) -> Tuple[bytes, ...]:
@@ -471,6 +482,10 @@ def load_toml(path: str) -> Dict[str, Any]:
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.9/3.10 (PyPy)
+        try:
+            require("tomli", "--config")
+        except MissingDependency as exc:
+            raise ConfigError(str(exc)) from None
         import tomli as tomllib
     try:
         with open(path, "rb") as fh:
@@ -546,6 +561,14 @@ def build_settings(
     if require_upstream and values.get("upstream") is None:
         raise ConfigError("--upstream is required (or PYPROXY_UPSTREAM, or 'upstream' in --config)")
     settings = Settings(config=config_path, **values, **rules)
+    # Optional packages the settings need, checked now: one line, not a traceback later.
+    try:
+        if settings.cache_enabled and settings.cache_backend != "memory":
+            require("redis", f"--cache-backend {settings.cache_backend.split('://')[0]}://")
+        if settings.admin_listen is not None:
+            require("prometheus_client", "--admin-listen (its /metrics)")
+    except MissingDependency as exc:
+        raise ConfigError(str(exc)) from None
     if settings.gzip_level > 9:
         raise ConfigError(f"--gzip-level must be 1-9, got {settings.gzip_level}")
     if settings.keepalive_connections > settings.pool_connections:

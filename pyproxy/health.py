@@ -26,12 +26,20 @@ class UpstreamProbe:
         self.error = ""
         self.checked_at = 0.0
         self._task: Optional["asyncio.Task[None]"] = None
+        self._stopping: Optional[asyncio.Event] = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._stopping = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(self._stopping))
 
     async def stop(self) -> None:
         if self._task is not None:
+            # Cancelling alone is not enough: when the cancel meets a connect failing at
+            # that moment, asyncio.wait_for (3.9-3.11) raises the connect's OSError
+            # instead, the cancel is lost, and the loop would go on for ever. The event
+            # ends the loop whichever way the check returns.
+            assert self._stopping is not None
+            self._stopping.set()
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
@@ -56,10 +64,13 @@ class UpstreamProbe:
             self.reachable, self.error = True, ""
         self.checked_at = time.time()
 
-    async def _run(self) -> None:
-        while True:
+    async def _run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
             await self.check_once()
-            await asyncio.sleep(self.interval)
+            try:
+                await asyncio.wait_for(stopping.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
 
     def state(self) -> Dict[str, Any]:
         return {

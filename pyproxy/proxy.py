@@ -85,16 +85,20 @@ class Proxy:
             host, port = self.settings.listen
             raise ConfigError(f"--listen {host}:{port}: {exc.strerror or exc}") from None
         if admin and settings.admin_listen is not None:  # the probe feeds the admin /health only
-            self.probe.start()
             self.admin = AdminServer(ProxyAdmin(self))
             try:
                 await self.admin.start(*settings.admin_listen)
             except OSError as exc:
+                self.admin = None
                 if self._server is not None:
                     self._server.close()
+                    await self._server.wait_closed()
                 await self._stop_aux()
                 host, port = settings.admin_listen
                 raise ConfigError(f"--admin-listen {host}:{port}: {exc.strerror or exc}") from None
+            # Started only once every address is bound: a start-up failure leaves
+            # nothing running in the background to wait for.
+            self.probe.start()
 
     @property
     def port(self) -> int:

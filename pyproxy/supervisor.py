@@ -159,15 +159,18 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn_task(self.reload()))
-        self.probe = UpstreamProbe(settings.upstream, settings.health_interval, settings.connect_timeout)
-        self.probe.start()
+        # Every address is bound before anything runs in the background, so a start-up
+        # failure has nothing to stop: one line, exit 2, at once.
         if settings.admin_listen is not None:
             self.admin = AdminServer(SupervisorAdmin(self))
             try:
                 await self.admin.start(*settings.admin_listen)
             except OSError as exc:
+                self.sock.close()
                 host, port = settings.admin_listen
                 raise ConfigError(f"--admin-listen {host}:{port}: {exc.strerror or exc}") from None
+        self.probe = UpstreamProbe(settings.upstream, settings.health_interval, settings.connect_timeout)
+        self.probe.start()
         self.generation = 1
         started = await asyncio.gather(*(self._start_worker(1) for _ in range(self.count)))
         ready = await asyncio.gather(*(w.ready for w in started))

@@ -109,6 +109,131 @@ def test_listen_port_in_use_is_exit_2() -> None:
     assert len(result.stderr.strip().splitlines()) == 1 and "--listen" in result.stderr
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Upstreams:
+    """An upstream in each state a start-up failure must not care about."""
+
+    def __init__(self) -> None:
+        self._socks: List[socket.socket] = []
+
+    def url(self, state: str) -> str:
+        if state == "refused":
+            return f"http://127.0.0.1:{_free_port()}"
+        sock = socket.socket()
+        self._socks.append(sock)
+        sock.bind(("127.0.0.1", 0))
+        # "blackholed": a listener whose accept queue is full drops further SYNs, so a
+        # connect hangs; "reachable": a listener with room in its queue.
+        sock.listen(0 if state == "blackholed" else 16)
+        port = sock.getsockname()[1]
+        if state == "blackholed":
+            for _ in range(8):
+                filler = socket.socket()
+                filler.setblocking(False)
+                try:
+                    filler.connect(("127.0.0.1", port))
+                except BlockingIOError:
+                    pass
+                self._socks.append(filler)
+        return f"http://127.0.0.1:{port}"
+
+    def close(self) -> None:
+        for sock in self._socks:
+            sock.close()
+
+
+def _timed_cli(args: List[str]) -> Tuple[subprocess.CompletedProcess, float]:
+    import time
+
+    started = time.monotonic()
+    result = run_cli(args)
+    return result, time.monotonic() - started
+
+
+# Start-up failures exit within a second of the failure; an interpreter's own start
+# (PyPy's included, with its one re-exec) gets the rest of this margin.
+START_FAILURE_SECONDS = 5.0
+
+
+@pytest.mark.parametrize("workers", [None, "1"], ids=["one-process", "supervisor"])
+@pytest.mark.parametrize("upstream_state", ["refused", "blackholed", "reachable"])
+def test_admin_port_in_use_is_one_line_and_exit_2_at_once(upstream_state: str, workers: Optional[str]) -> None:
+    """Issue 10 item 1: with the admin port taken and the upstream not reachable, a
+    second instance never exited (the background upstream check swallowed its cancel)."""
+    upstreams = _Upstreams()
+    try:
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen(1)
+            admin = busy.getsockname()[1]
+            args = ["--upstream", upstreams.url(upstream_state), "--listen", f"127.0.0.1:{_free_port()}"]
+            args += ["--admin-listen", f"127.0.0.1:{admin}", "--health-interval", "30"]
+            if workers:
+                args += ["--workers", workers]
+            result, took = _timed_cli(args)
+    finally:
+        upstreams.close()
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert [line for line in lines if "error" in line] == lines[-1:], result.stderr
+    assert lines[-1].startswith(f"pyproxy: error: --admin-listen 127.0.0.1:{admin}:"), lines[-1]
+    assert "Traceback" not in result.stderr
+    assert took < START_FAILURE_SECONDS, took
+
+
+STARTUP_FAILURES: Dict[str, Tuple[List[str], str]] = {
+    "redis_url_bad_port": (["--cache-backend", "redis://localhost:notaport/0"], "not a valid Redis URL"),
+    "redis_url_no_host": (["--cache-backend", "redis:///0"], "needs a host"),
+    "unix_url_no_path": (["--cache-backend", "unix://"], "needs a socket path"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STARTUP_FAILURES))
+def test_refused_setting_is_one_line_and_exit_2(case: str) -> None:
+    args, needle = STARTUP_FAILURES[case]
+    result, took = _timed_cli(["--upstream", "http://127.0.0.1:1", *args])
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert took < START_FAILURE_SECONDS, took
+
+
+# Each optional package a setting needs, hidden from the import system: the message
+# names what to install. (tomli is only ever imported on Python < 3.11: PyPy here.)
+MISSING_PACKAGES: Dict[str, Tuple[List[str], str]] = {
+    "redis": (["--cache-backend", "redis://127.0.0.1:6379/0"], "pip install 'pyproxy[redis]'"),
+    "uvloop": (["--loop", "uvloop"], "pip install 'pyproxy[speedups]'"),
+    "prometheus_client": (["--admin-listen", "127.0.0.1:0"], "pip install prometheus_client"),
+}
+if sys.version_info < (3, 11):
+    MISSING_PACKAGES["tomli"] = (["--config", "CONFIG"], "pip install tomli")
+
+
+@pytest.mark.parametrize("module", sorted(MISSING_PACKAGES))
+def test_missing_optional_package_is_one_line_naming_the_install(module: str, tmp_path: Path) -> None:
+    """Issue 10 item 2: a setting that needs a package that is not installed says what
+    to install, in one line, exit 2 -- not an ImportError traceback."""
+    args, hint = MISSING_PACKAGES[module]
+    config = tmp_path / "pyproxy.toml"
+    config.write_text("read_timeout = 5\n")
+    args = [str(config) if arg == "CONFIG" else arg for arg in args]
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; from pyproxy.cli import main; "
+        f"sys.exit(main(['--upstream', 'http://127.0.0.1:1', '--listen', '127.0.0.1:0', *{args!r}]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_env(), cwd=str(ROOT)
+    )
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and hint in lines[0] and "not installed" in lines[0], result.stderr
+
+
 def test_help_lists_every_option() -> None:
     result = run_cli(["--help"])
     assert result.returncode == 0
