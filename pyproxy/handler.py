@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import logging
 import os
+from time import perf_counter
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, CachedResponse
@@ -165,12 +166,14 @@ class Exchange(ExchangeListener):
         self.done: Optional[asyncio.Future[None]] = client.loop.create_future() if with_future else None
         self.response_started = False
         self.finished = False
-        self.sent_at = client.loop.time()
+        # Durations come from perf_counter: uvloop advances loop.time() once per loop
+        # iteration, in milliseconds, which would quantize every histogram.
+        self.sent_at = perf_counter()
 
     def on_response(self, head: ResponseHead) -> None:
         self.response_started = True
         client = self.client
-        client.upstream_ttfb = client.loop.time() - self.sent_at
+        client.upstream_ttfb = perf_counter() - self.sent_at
         client.start_response(head.status, head.reason, client_response_headers(head.headers))
         if client._write_paused:
             self.conn.pause_reading()

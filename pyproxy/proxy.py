@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import time
+from time import perf_counter
 from typing import Any, Callable, Dict, Optional, Set
 
 from pyproxy._compat import is_uvloop
@@ -109,7 +110,7 @@ class Proxy:
         """Once per request, when its response ended (or could not be completed)."""
         method = _METHODS.get(client._method, "other")
         endpoint = self.endpoints.name(client._method, client.req_target)
-        duration = self.loop.time() - client.started_at
+        duration = perf_counter() - client.started_at
         body = client.body
         bytes_in = body.received if body is not None else 0
         self.metrics.request_done(endpoint, method, status, duration, client.upstream_ttfb, bytes_in, client.bytes_out)

@@ -417,3 +417,26 @@ async def test_stop_serves_every_connection_it_accepted(yields: int) -> None:
         assert errors == [], errors[:3]
         served_here = sum(1 for _, body in results if body == MODELS_BODY)  # type: ignore[misc]
         assert served_here + queued == 20 and all(status == 200 for status, _ in results)  # type: ignore[misc]
+
+
+async def test_durations_have_sub_millisecond_resolution_on_every_loop() -> None:
+    """Issue 10 item 3: durations were taken from loop.time(), which uvloop advances
+    once per iteration in whole milliseconds: Server-Timing said 0.000 and the
+    histograms collapsed into millisecond steps. Durations now come from
+    perf_counter: nearly every value has sub-millisecond digits, on both loops."""
+    import re
+
+    async with Origin() as origin, running_proxy(origin.url, dedup_enabled=False, cache_enabled=False) as proxy:
+        fractions = []
+        async with await Client.connect(proxy.port) as client:
+            for i in range(50):
+                resp = await client.request(b"GET", b"/v1/models?i=%d" % i)
+                timing = resp.header(b"server-timing")
+                assert timing is not None
+                for ms in re.findall(rb"dur=(\d+\.\d{3})", timing):
+                    fractions.append(int(ms.split(b".")[0]) * 1000 + int(ms.split(b".")[1]))
+        assert len(fractions) == 100  # proxy and upstream, per request
+        # A millisecond-quantized clock makes every value a multiple of 1000 us.
+        assert sum(1 for us in fractions if us % 1000) >= 90, fractions
+        total = sum(h.total for h in proxy.metrics.durations.values())
+        assert total > 0 and round(total * 1e6) % 1000, total
