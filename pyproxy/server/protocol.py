@@ -483,7 +483,9 @@ class ClientConnection(asyncio.Protocol):
             self._decorate(headers)
         closing = self.must_close or self.proxy.draining
         if self._mode == _H11:
-            if closing:
+            # An answer before the whole request body ends the connection (what is
+            # left of the body cannot be told from a next request): say so (RFC 9112 §9.6).
+            if closing or self.h11.their_state is not _DONE:  # type: ignore[union-attr]
                 headers.append(_CLOSE_HEADER)
             self._out.append(self.h11.send(h11.Response(status_code=status, headers=headers, reason=reason)))  # type: ignore
             return
@@ -494,7 +496,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._framing = _FRAME_CHUNKED
             headers.append(_CHUNKED_HEADER)
-        if closing or not self._keep_alive:
+        if closing or not self._keep_alive or self._mode == _FAST_BODY:  # _FAST_BODY: see above
             headers.append(_CLOSE_HEADER)
         self._out.append(serialize_response_head(status, reason, headers))
 
@@ -550,8 +552,11 @@ class ClientConnection(asyncio.Protocol):
 
     @property
     def closing(self) -> bool:
-        """The connection closes after this response (so it must say Connection: close)."""
-        return self.must_close or self.proxy.draining or not self._keep_alive
+        """The connection closes after this response (so it must say Connection: close):
+        also when the request body has not been read whole (RFC 9112 §9.6)."""
+        if self._mode == _H11:
+            return self.must_close or self.proxy.draining or self.h11.their_state is not _DONE  # type: ignore
+        return self.must_close or self.proxy.draining or not self._keep_alive or self._mode == _FAST_BODY
 
     def send_prebuilt(self, pieces: Sequence[bytes], status: int, body_bytes: int) -> None:
         """A whole response, already serialized with its framing (a cache hit)."""
