@@ -22,12 +22,18 @@ log = logging.getLogger("pyproxy")
 
 EXIT_USAGE = 2
 
-# PyPy reads its GC nursery size once, at start, from PYPY_GC_NURSERY; by default
-# it is half the L2 cache (1 MB on the benchmark machine), so a proxy's short-lived
-# per-request objects fill it every few hundred requests. In one benchmark run,
-# 32 MB took PyPy from 0.91x to 1.17x nginx's small-GET throughput and its p99
-# from 9.5 ms to 2.8 ms (POST 0.60x -> 0.84x). It costs 32 MB per process.
-PYPY_NURSERY = "32MB"
+# PyPy reads its GC nursery size once, at start, from PYPY_GC_NURSERY; its default
+# comes from the cache size it detects (1 MB on one benchmark machine, 240 MB on
+# another), so it is set. Too small: a proxy's short-lived per-request objects fill
+# it every few hundred requests (1 MB -> 8 MB took small-GET throughput from 0.91x to
+# 1.16x nginx's, p99 9.5 -> 5.0 ms). Larger: resident memory grows with the request
+# count, in steps, to a level that scales with the nursery -- 32 MB rose from 105 to
+# 355 MiB over 1.7 M requests (354 MiB after 125 k POSTs) and 16 MB kept growing,
+# while 8 MB stayed flat at 137-140 MiB from the first 200 k requests, at the same
+# throughput (GET 54-57k vs 52-54k req/s, POST 47-50k vs 41-52k in one A/B run); its
+# p99 was ~2 ms higher on POST. PYPY_GC_MAJOR_COLLECT and PYPY_GC_MAX_DELTA changed
+# nothing of that growth. benchmarks/memory.py measures it.
+PYPY_NURSERY = "8MB"
 
 
 def use_pypy_nursery(args: List[str]) -> None:

@@ -92,6 +92,9 @@ _CLOSE_HEADER = (b"connection", b"close")
 _CHUNKED_HEADER = (b"transfer-encoding", b"chunked")
 _SUPPORTED_VERSIONS = frozenset({b"1.1", b"1.0"})
 _NO_BODY_FRAMING = RequestFraming(None, False)
+# After an error answer, how long the client's further bytes are read and dropped
+# before the connection is closed for good (see close_lingering).
+LINGER_SECONDS = 2.0
 
 
 class ClientGone(Exception):
@@ -235,6 +238,8 @@ class ClientConnection(asyncio.Protocol):
         self._timer = self.loop.call_later(self.proxy.settings.client_timeout, self._check_deadlines)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # lingering after an error answer: what the client still sends is dropped
         self.last_activity = self.loop.time()
         if self._mode == _H11:
             self.h11.receive_data(data)  # type: ignore[union-attr]
@@ -457,6 +462,8 @@ class ClientConnection(asyncio.Protocol):
         self.proxy.stats_client_errors += 1
         if self.transport is not None and not self.closed and not self.response_started:
             self.transport.write(raw_error_response(exc))
+            self.close_lingering()
+            return
         self.close()
 
     # --- response side (called by the handler and its exchange) ---------------------------
@@ -695,7 +702,7 @@ class ClientConnection(asyncio.Protocol):
             if self._observing:
                 self._observe(exc.status)
             self.transport.write(raw_error_response(exc))  # type: ignore[union-attr]
-            self.close()
+            self.close_lingering()
             return
         status, headers, body = error_response_parts(exc)
         self.start_response(status, HTTPStatus(status).phrase.encode("ascii"), headers)
@@ -709,10 +716,29 @@ class ClientConnection(asyncio.Protocol):
     # --- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if self.transport is not None:
-                self.transport.close()
+        self.closed = True
+        transport = self.transport
+        if transport is not None and not transport.is_closing():  # lingering ones too
+            transport.close()
+
+    def close_lingering(self) -> None:
+        """Close after an error answer in stages (RFC 9112 §9.6): half-close, then drop
+        what the client still sends until it closes, for LINGER_SECONDS at most. Closing
+        at once would make the kernel answer those bytes with a reset, and a reset
+        discards the error answer still unread at the client (nginx's lingering_close)."""
+        if self.closed:
+            return
+        self.closed = True
+        transport = self.transport
+        if transport is None:
+            return
+        try:
+            transport.write_eof()
+            transport.resume_reading()  # to see the client's own close
+        except (OSError, RuntimeError, NotImplementedError, AttributeError):
+            transport.close()
+            return
+        self.loop.call_later(LINGER_SECONDS, transport.close)
 
     def begin_drain(self, grace: float) -> None:
         """Shutdown: a busy connection closes after its response; an idle one after

@@ -341,7 +341,10 @@ class UpstreamConnection(asyncio.Protocol):
     def _response_complete(self) -> None:
         listener = self.listener
         self.listener = None
-        self._cancel_timer()
+        # The read-timeout timer is left to fire (it re-arms only while an exchange is
+        # on): cancelling it per response and making a new one per request cost a
+        # call_later and a cancelled handle -- kept in the loop's heap for the whole
+        # --read-timeout -- per request.
         self._mode = _NO_RESPONSE
         self._h11 = None
         self._chunks = None
@@ -403,7 +406,8 @@ class UpstreamConnection(asyncio.Protocol):
             transport.writelines(pieces)
         self.request_sent = True
         self.last_read = self.loop.time()
-        self._timer = self.loop.call_later(self.read_timeout, self._check_read_timeout)
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.read_timeout, self._check_read_timeout)
 
     def _frame(self, chunks: List[bytes], out: List[bytes]) -> None:
         if self._chunked:
@@ -474,12 +478,12 @@ class UpstreamConnection(asyncio.Protocol):
     def is_expired(self, now: float, expiry: float) -> bool:
         return now - self.idle_since >= expiry
 
-    # --- read timeout: one lazy timer, re-armed only when it fires ---------------
+    # --- read timeout: one lazy timer per connection, re-armed only when it fires ---
 
     def _check_read_timeout(self) -> None:
         self._timer = None
         if self.listener is None or self.state != ACTIVE:
-            return
+            return  # idle: the next exchange arms it again
         if self._reading_paused:
             # Waiting on the client, not the upstream: not the upstream's
             # silence. But a client that reads nothing for as long holds this

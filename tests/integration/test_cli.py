@@ -347,8 +347,8 @@ async def test_drain_timeout_bounds_shutdown_and_truncates() -> None:
 
 
 @pytest.mark.parametrize("preset", [None, "2MB"])
-async def test_pypy_runs_with_a_larger_gc_nursery_unless_one_is_set(preset: Optional[str]) -> None:
-    """On PyPy, ``-m pyproxy`` re-executes itself once (same pid) with PYPY_GC_NURSERY=32MB;
+async def test_pypy_runs_with_a_set_gc_nursery_unless_one_is_set(preset: Optional[str]) -> None:
+    """On PyPy, ``-m pyproxy`` re-executes itself once (same pid) with PYPY_GC_NURSERY=8MB;
     a size the user set is kept; on CPython the environment is left alone."""
     env = {k: v for k, v in _env().items() if k != "PYPY_GC_NURSERY"}
     if preset is not None:
