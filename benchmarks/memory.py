@@ -38,7 +38,7 @@ from benchmarks.run import (
     TARGET_CORE,
     Service,
     free_port,
-    nginx_conf,
+    nginx_proxy_conf,
     origin_conf,
     wrk,
 )
@@ -58,20 +58,8 @@ def rss_bytes(pid: int) -> int:
 def start(name: str, workdir: Path, origin_port: int, sse_port: int, pypy: str) -> Service:
     port = free_port()
     if name == "nginx":
-        conf = nginx_conf(
-            workdir,
-            f"""
-  upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 1024; keepalive_requests 1000000; }}
-  upstream sse {{ server 127.0.0.1:{sse_port}; keepalive 1024; keepalive_requests 1000000; }}
-  server {{
-    listen 127.0.0.1:{port} backlog=4096;
-    proxy_http_version 1.1;
-    proxy_set_header Connection "";
-    proxy_buffering off;
-    location /sse {{ proxy_pass http://sse; }}
-    location / {{ proxy_pass http://origin; }}
-  }}""",
-        )
+        # keep-alive pools as large as the 1,000 streams held (a fair peer, not nginx's default)
+        conf = nginx_proxy_conf(workdir, port, origin_port, sse_port, "keepalive 1024; keepalive_requests 1000000;")
         return Service(name, ["nginx", "-c", str(conf)], port, TARGET_CORE)
     exe = pypy if name == "pyproxy-pypy" else sys.executable
     # The defaults as a user runs them (pool 1000 included), as a relay. One upstream

@@ -175,12 +175,15 @@ def origin_conf(workdir: Path, port: int) -> Path:
     )
 
 
-def nginx_proxy_conf(workdir: Path, port: int, origin_port: int, sse_port: int) -> Path:
+def nginx_proxy_conf(
+    workdir: Path, port: int, origin_port: int, sse_port: int, keepalive: str = "keepalive 32;"
+) -> Path:
+    """nginx as the proxy; ``keepalive``: the upstream blocks' keep-alive directives."""
     return nginx_conf(
         workdir,
         f"""
-  upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 32; }}
-  upstream sse {{ server 127.0.0.1:{sse_port}; keepalive 32; }}
+  upstream origin {{ server 127.0.0.1:{origin_port}; {keepalive} }}
+  upstream sse {{ server 127.0.0.1:{sse_port}; {keepalive} }}
   server {{
     listen 127.0.0.1:{port} backlog=4096;
     proxy_http_version 1.1;

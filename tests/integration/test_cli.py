@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import re
@@ -11,13 +12,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
 from pyproxy.cli import PYPY_NURSERY
 from tests.support.client import Client
 from tests.support.origin import MODELS_BODY, Origin
+from tests.support.sockets import blackholed_port, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,42 +111,19 @@ def test_listen_port_in_use_is_exit_2() -> None:
     assert len(result.stderr.strip().splitlines()) == 1 and "--listen" in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class _Upstreams:
+@contextlib.contextmanager
+def _upstream(state: str) -> Iterator[str]:
     """An upstream in each state a start-up failure must not care about."""
-
-    def __init__(self) -> None:
-        self._socks: List[socket.socket] = []
-
-    def url(self, state: str) -> str:
-        if state == "refused":
-            return f"http://127.0.0.1:{_free_port()}"
-        sock = socket.socket()
-        self._socks.append(sock)
-        sock.bind(("127.0.0.1", 0))
-        # "blackholed": a listener whose accept queue is full drops further SYNs, so a
-        # connect hangs; "reachable": a listener with room in its queue.
-        sock.listen(0 if state == "blackholed" else 16)
-        port = sock.getsockname()[1]
-        if state == "blackholed":
-            for _ in range(8):
-                filler = socket.socket()
-                filler.setblocking(False)
-                try:
-                    filler.connect(("127.0.0.1", port))
-                except BlockingIOError:
-                    pass
-                self._socks.append(filler)
-        return f"http://127.0.0.1:{port}"
-
-    def close(self) -> None:
-        for sock in self._socks:
-            sock.close()
+    if state == "refused":
+        yield f"http://127.0.0.1:{free_port()}"
+    elif state == "blackholed":
+        with blackholed_port() as port:
+            yield f"http://127.0.0.1:{port}"
+    else:  # reachable: a listener with room in its accept queue
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(16)
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def _timed_cli(args: List[str]) -> Tuple[subprocess.CompletedProcess, float]:
@@ -165,19 +144,15 @@ START_FAILURE_SECONDS = 5.0
 def test_admin_port_in_use_is_one_line_and_exit_2_at_once(upstream_state: str, workers: Optional[str]) -> None:
     """Issue 10 item 1: with the admin port taken and the upstream not reachable, a
     second instance never exited (the background upstream check swallowed its cancel)."""
-    upstreams = _Upstreams()
-    try:
-        with socket.socket() as busy:
-            busy.bind(("127.0.0.1", 0))
-            busy.listen(1)
-            admin = busy.getsockname()[1]
-            args = ["--upstream", upstreams.url(upstream_state), "--listen", f"127.0.0.1:{_free_port()}"]
-            args += ["--admin-listen", f"127.0.0.1:{admin}", "--health-interval", "30"]
-            if workers:
-                args += ["--workers", workers]
-            result, took = _timed_cli(args)
-    finally:
-        upstreams.close()
+    with _upstream(upstream_state) as upstream, socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        admin = busy.getsockname()[1]
+        args = ["--upstream", upstream, "--listen", f"127.0.0.1:{free_port()}"]
+        args += ["--admin-listen", f"127.0.0.1:{admin}", "--health-interval", "30"]
+        if workers:
+            args += ["--workers", workers]
+        result, took = _timed_cli(args)
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
     assert [line for line in lines if "error" in line] == lines[-1:], result.stderr

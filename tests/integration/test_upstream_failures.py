@@ -13,16 +13,11 @@ import pytest
 
 from tests.support.client import Client, raw_exchange, request, running_proxy, wait_until
 from tests.support.origin import Origin, Received, Reply
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.support.sockets import blackholed_port, free_port
 
 
 async def test_connection_refused_is_502() -> None:
-    port = _free_port()  # nothing listens there any more
+    port = free_port()  # nothing listens there any more
     async with running_proxy(f"http://127.0.0.1:{port}") as proxy:
         resp = await request(proxy.port, b"GET", b"/v1/models")
         assert resp.status == 502
@@ -47,31 +42,13 @@ async def test_dns_failure_is_502(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_connect_timeout_is_504() -> None:
-    # A listener whose accept queue is full drops further SYNs: connect hangs.
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(8):
-            filler = socket.socket()
-            filler.setblocking(False)
-            try:
-                filler.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
-            fillers.append(filler)
+    with blackholed_port() as port:
         async with running_proxy(f"http://127.0.0.1:{port}", connect_timeout=0.3) as proxy:
             started = time.monotonic()
             resp = await request(proxy.port, b"GET", b"/v1/models")
             assert resp.status == 504, resp.body
             assert "timed out" in resp.json()["error"]["message"]
             assert time.monotonic() - started < 5
-    finally:
-        for filler in fillers:
-            filler.close()
-        listener.close()
 
 
 async def test_read_timeout_before_head_is_504() -> None:
@@ -257,7 +234,7 @@ async def test_client_abort_while_waiting_for_head_closes_upstream() -> None:
 
 
 async def test_upstream_error_keeps_client_connection_usable() -> None:
-    port = _free_port()
+    port = free_port()
     async with running_proxy(f"http://127.0.0.1:{port}") as proxy:
         async with await Client.connect(proxy.port) as client:
             assert (await client.request(b"GET", b"/a")).status == 502
