@@ -488,11 +488,9 @@ class ClientConnection(asyncio.Protocol):
                 self._gzip = GzipStream(settings.gzip_level)
         if self.proxy.decorate:
             self._decorate(headers)
-        closing = self.must_close or self.proxy.draining
+        closing = self.closing
         if self._mode == _H11:
-            # An answer before the whole request body ends the connection (what is
-            # left of the body cannot be told from a next request): say so (RFC 9112 §9.6).
-            if closing or self.h11.their_state is not _DONE:  # type: ignore[union-attr]
+            if closing:
                 headers.append(_CLOSE_HEADER)
             self._out.append(self.h11.send(h11.Response(status_code=status, headers=headers, reason=reason)))  # type: ignore
             return
@@ -503,7 +501,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._framing = _FRAME_CHUNKED
             headers.append(_CHUNKED_HEADER)
-        if closing or not self._keep_alive or self._mode == _FAST_BODY:  # _FAST_BODY: see above
+        if closing:
             headers.append(_CLOSE_HEADER)
         self._out.append(serialize_response_head(status, reason, headers))
 
@@ -559,8 +557,9 @@ class ClientConnection(asyncio.Protocol):
 
     @property
     def closing(self) -> bool:
-        """The connection closes after this response (so it must say Connection: close):
-        also when the request body has not been read whole (RFC 9112 §9.6)."""
+        """The connection closes after this response, so it must say Connection: close --
+        also when the request body has not been read whole: what is left of it cannot be
+        told from a next request (RFC 9112 §9.6)."""
         if self._mode == _H11:
             return self.must_close or self.proxy.draining or self.h11.their_state is not _DONE  # type: ignore
         return self.must_close or self.proxy.draining or not self._keep_alive or self._mode == _FAST_BODY

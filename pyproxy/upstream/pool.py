@@ -141,10 +141,8 @@ class ConnectionPool:
         return len(doomed)
 
     def _close_all_idle(self, first: UpstreamConnection) -> None:
-        doomed = [first] + list(self.idle)
-        self.idle.clear()
-        for conn in doomed:
-            conn.close()
+        first.close()
+        self.close_idle()
 
     async def _wait_for_grant(self) -> Grant:
         waiter: asyncio.Future[Grant] = self.loop.create_future()
