@@ -55,6 +55,8 @@ class AccessLog:
         cache: str,
         dedup: str,
         request_id: str,
+        upstream: str = "",
+        attempts: int = 0,
     ) -> None:
         if self._queue.qsize() >= MAX_QUEUED:
             self.dropped += 1
@@ -75,6 +77,8 @@ class AccessLog:
                     "cache": cache,
                     "dedup": dedup,
                     "request_id": request_id,
+                    "upstream": upstream or None,
+                    "attempts": attempts or None,
                 },
                 separators=(",", ":"),
             )
@@ -88,6 +92,8 @@ class AccessLog:
                 f'{client} - - [{self._stamp}] "{method} {path} HTTP/1.1" {status} {body_bytes} '
                 f"rt={duration:.3f} uct={ttfb_text} cache={cache} dedup={dedup} rid={request_id or '-'}"
             )
+            if upstream:
+                line += f" upstream={upstream} attempts={attempts}"
         self._queue.put(line)
 
     def _write_loop(self) -> None:

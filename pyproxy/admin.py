@@ -1,4 +1,4 @@
-"""The admin listener: /metrics, /health, /ready and POST /cache/purge. Never proxied.
+"""The admin listener: /metrics, /health, /ready, /upstreams and POST /cache/purge. Never proxied.
 
 Low traffic, so plain asyncio streams and h11. It serves whatever ``AdminSource``
 it is given: one proxy process, or the supervisor speaking for its workers.
@@ -38,6 +38,9 @@ class AdminSource:
         raise NotImplementedError
 
     async def purge(self, path: Optional[bytes], prefix: Optional[bytes]) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    async def upstreams(self) -> Dict[str, Any]:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -124,6 +127,7 @@ class AdminServer:
             "/health": ((b"GET", b"HEAD"), self._health),
             "/ready": ((b"GET", b"HEAD"), self._ready),
             "/cache/purge": ((b"POST",), self._purge),
+            "/upstreams": ((b"GET", b"HEAD"), self._upstreams),
         }
         entry = handlers.get(path)
         if entry is None:
@@ -149,6 +153,9 @@ class AdminServer:
     async def _ready(self, query: str, body: bytes) -> Tuple[int, list, bytes]:
         ready = self.source.ready()
         return _json(200 if ready else 503, {"ready": ready})
+
+    async def _upstreams(self, query: str, body: bytes) -> Tuple[int, list, bytes]:
+        return _json(200, await self.source.upstreams())
 
     async def _purge(self, query: str, body: bytes) -> Tuple[int, list, bytes]:
         params: Dict[str, Any] = {k: v[-1] for k, v in parse_qs(query).items()}

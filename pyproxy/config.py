@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 from pyproxy._compat import LOOP_CHOICES, MissingDependency, require
+from pyproxy.gateway.config import GatewayConfig, GatewayConfigError, parse_gateway
 from pyproxy.rules import (
     ANY_METHOD,
     CACHE_RULE_KEYS,
@@ -308,6 +309,27 @@ OPTIONS: Tuple[Option, ...] = (
         metavar="FILE",
     ),
     Option(
+        "route_body_bytes",
+        _int_at_least(0),
+        8 * 1024 * 1024,
+        'largest request body read to route by its JSON "model" ([[models]]; 413 above)',
+        metavar="BYTES",
+    ),
+    Option(
+        "retry_buffer_bytes",
+        _int_at_least(0),
+        8 * 1024 * 1024,
+        "request body kept to fail over to another upstream (a larger one fails over only if unsent)",
+        metavar="BYTES",
+    ),
+    Option(
+        "upstream_headers",
+        _bool,
+        True,
+        "tell clients which upstream answered and after how many attempts (x-pyproxy-upstream, -attempts)",
+        metavar="BOOL",
+    ),
+    Option(
         "allow_underscore_headers",
         _bool,
         False,
@@ -445,6 +467,9 @@ class Settings:
     body_min_rate: int = 1024
     drain_timeout: float = 30.0
     upstream_ca: Optional[str] = None
+    route_body_bytes: int = 8 * 1024 * 1024
+    retry_buffer_bytes: int = 8 * 1024 * 1024
+    upstream_headers: bool = True
     allow_underscore_headers: bool = False
     cache_enabled: bool = True
     cache_backend: str = "memory"
@@ -476,6 +501,8 @@ class Settings:
     cache_rules: Tuple[Rule, ...] = DEFAULT_CACHE_RULES
     dedup_rules: Tuple[Rule, ...] = ()
     routes: Tuple[Rule, ...] = ()  # [[routes]]: names for the metrics' endpoint label
+    # [[upstreams]], [[models]]...: several upstreams (None: the one --upstream).
+    gateway: Optional[GatewayConfig] = None
 
 
 def load_toml(path: str) -> Dict[str, Any]:
@@ -497,16 +524,21 @@ def load_toml(path: str) -> Dict[str, Any]:
 
 
 _SECTIONS = {"cache": CACHE_RULE_KEYS, "dedup": DEDUP_RULE_KEYS}
+# The gateway's tables (pyproxy/gateway/config.py), parsed once the routes are known.
+GATEWAY_TABLES = ("upstreams", "models", "model_aliases", "default_upstream")
 
 
 def _flatten_toml(
-    table: Mapping[str, Any], path: str, rules: Dict[str, Tuple[Rule, ...]]
+    table: Mapping[str, Any], path: str, rules: Dict[str, Tuple[Rule, ...]], gateway: Dict[str, Any]
 ) -> Dict[str, Tuple[str, Any]]:
-    """``[cache] backend = ...`` is the option cache_backend; ``[[cache.rules]]`` are rules."""
+    """``[cache] backend = ...`` is the option cache_backend; ``[[cache.rules]]`` are rules;
+    the gateway's tables go to ``gateway``."""
     flat: Dict[str, Tuple[str, Any]] = {}
     for key, value in table.items():
         section = key.replace("-", "_")
-        if section == "routes":
+        if section in GATEWAY_TABLES:
+            gateway[section] = value
+        elif section == "routes":
             try:
                 rules["routes"] = parse_rules(value, "routes", ROUTE_KEYS, ANY_METHOD)
             except RuleError as exc:
@@ -536,9 +568,10 @@ def build_settings(
     """Merge the sources; ``cli`` holds only the options given on the command line."""
     raw: Dict[str, Tuple[str, Any]] = {}
     rules: Dict[str, Tuple[Rule, ...]] = {}
+    gateway_tables: Dict[str, Any] = {}
     config_path = cli.get("config") or environ.get("PYPROXY_CONFIG")
     if config_path:
-        for key, (where, value) in _flatten_toml(load_toml(config_path), config_path, rules).items():
+        for key, (where, value) in _flatten_toml(load_toml(config_path), config_path, rules, gateway_tables).items():
             option = OPTIONS_BY_NAME.get(key.replace("-", "_"))
             if option is None:
                 raise ConfigError(f"--config: {config_path}: unknown setting {where!r}")
@@ -558,9 +591,18 @@ def build_settings(
             values[name] = OPTIONS_BY_NAME[name].parse(value)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+    gateway = None
+    try:
+        gateway = parse_gateway(gateway_tables, rules.get("routes", ()), environ)
+    except GatewayConfigError as exc:
+        raise ConfigError(f"--config: {config_path}: {exc}") from None
+    if gateway is not None:
+        if values.get("upstream") is not None:
+            raise ConfigError(f"--upstream and [[upstreams]] in {config_path}: give one or the other")
+        values["upstream"] = gateway.upstreams[0].upstream  # the first one: what single-upstream code reads
     if require_upstream and values.get("upstream") is None:
         raise ConfigError("--upstream is required (or PYPROXY_UPSTREAM, or 'upstream' in --config)")
-    settings = Settings(config=config_path, **values, **rules)
+    settings = Settings(config=config_path, gateway=gateway, **values, **rules)
     # Optional packages the settings need, checked now: one line, not a traceback later.
     try:
         if settings.cache_enabled and settings.cache_backend != "memory":

@@ -250,6 +250,11 @@ class Fetch:
 
     # --- the response side of a client connection -----------------------------------------
 
+    def note_upstream(self, name: str, attempts: int) -> None:
+        """Which upstream answered (the gateway): for each subscriber's access log line."""
+        for sub in self.subscribers:
+            sub.client.note_upstream(name, attempts)
+
     def start_response(self, status: int, reason: bytes, headers: List[Header]) -> None:
         self.response_started = True
         if status >= 500 and self.stale_fallback is not None and self.stale_fallback(self):

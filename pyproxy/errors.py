@@ -21,6 +21,9 @@ class ProxyError(Exception):
     status = 500
     limit = ""  # the label of proxy_limits_fired_total when a protective limit answered
     error_type = "proxy_error"
+    code: Optional[str] = None  # OpenAI's error "code" (model_not_found...); None: the status
+    # Headers added by whoever answers with this error (the gateway's x-pyproxy-attempts).
+    added_headers: Headers = []
 
     def __init__(self, message: str, *, status: Optional[int] = None) -> None:
         super().__init__(message)
@@ -29,7 +32,7 @@ class ProxyError(Exception):
             self.status = status
 
     def extra_headers(self) -> Headers:
-        return []
+        return self.added_headers
 
 
 # --- the client's fault (4xx): the connection is closed after the answer ---
@@ -147,7 +150,14 @@ class PoolTimeout(UpstreamError):
         self.retry_after = retry_after
 
     def extra_headers(self) -> Headers:
-        return [(b"retry-after", str(self.retry_after).encode("ascii"))]
+        return [(b"retry-after", str(self.retry_after).encode("ascii"))] + self.added_headers
+
+
+class NoUpstreamAvailable(PoolTimeout):
+    """Every deployment of the request is ejected, cooling down after a 429, or at its
+    connection bound: 503 with Retry-After, the soonest recovery."""
+
+    kind = "unavailable"
 
 
 _date_cache: List[object] = [0, b""]
@@ -163,13 +173,13 @@ def http_date() -> bytes:
     return _date_cache[1]  # type: ignore[return-value]
 
 
-def error_body(status: int, message: str, error_type: str) -> bytes:
-    return json_dumps({"error": {"message": message, "type": error_type, "code": status}})
+def error_body(status: int, message: str, error_type: str, code: Optional[str] = None) -> bytes:
+    return json_dumps({"error": {"message": message, "type": error_type, "code": code or status}})
 
 
 def error_response_parts(exc: ProxyError) -> Tuple[int, Headers, bytes]:
     """Status, headers and JSON body for an error answered by the proxy itself."""
-    body = error_body(exc.status, exc.message, exc.error_type)
+    body = error_body(exc.status, exc.message, exc.error_type, exc.code)
     headers: Headers = [(b"date", http_date()), (b"content-type", b"application/json")]
     headers.extend(exc.extra_headers())
     # last, as in client_response_headers: that is where framing is read from

@@ -18,20 +18,32 @@ import itertools
 import logging
 import os
 from time import perf_counter
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, CachedResponse
+from pyproxy.cache.key import parse_json_body
 from pyproxy.cache.layer import BYPASS, HIT, MISS, STALE, Cache
 from pyproxy.cache.policy import BYPASS as BYPASS_MODE
 from pyproxy.cache.policy import LOOKUP, REFETCH, only_if_cached
 from pyproxy.cache.store import NEED_AWAIT
 from pyproxy.dedup import X_DEDUP_FOLLOWER, Coalescer, Fetch
-from pyproxy.errors import ClientStalled, NotInCache, ProxyError, UpstreamDisconnected, UpstreamError
+from pyproxy.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ClientStalled,
+    NotInCache,
+    ProxyError,
+    UpstreamDisconnected,
+    UpstreamError,
+)
+from pyproxy.gateway.models import BY_MODEL, MODEL_LIST, NO_ROUTE, RouteNotFound, Target
+from pyproxy.gateway.relay import Gateway, RoutedRequest
 from pyproxy.http.fastpath import serialize_request_head
 from pyproxy.http.headers import RequestFraming, client_response_headers, to_origin_form, upstream_request_headers
 from pyproxy.http.messages import RequestHead, ResponseHead
 from pyproxy.metrics import RequestMetrics
-from pyproxy.routing import Plan, Router
+from pyproxy.routing import UNPARSED, Plan, Router
+from pyproxy.rules import request_path
 from pyproxy.server.body import RequestBody
 from pyproxy.server.protocol import ClientConnection, ClientGone
 from pyproxy.upstream.connection import ExchangeListener, UpstreamConnection
@@ -83,7 +95,18 @@ class Keyed:
     and it reads nothing of the client's that the client's next request changes.
     """
 
-    __slots__ = ("handler", "client", "request", "framing", "body", "plan", "chunks", "_new_id", "_outbound")
+    __slots__ = (
+        "handler",
+        "client",
+        "request",
+        "framing",
+        "body",
+        "plan",
+        "chunks",
+        "parsed",
+        "_new_id",
+        "_outbound",
+    )
 
     def __init__(
         self,
@@ -102,10 +125,14 @@ class Keyed:
         self.body = body
         self.plan = plan
         self.chunks = chunks  # the whole body, or what was collected before giving up on keying
+        self.parsed: Any = UNPARSED  # the body's JSON, when routing by model parsed it already
         self._new_id = handler.assign_request_id(client, request)  # hits return the id too
-        self._outbound: Optional[Outbound] = None
+        self._outbound: Optional[AnyOutbound] = None
+        gateway = handler.gateway
+        if gateway is not None:  # the upstream is chosen per attempt: built now, serialized then
+            self._outbound = handler.routed_request(client, request, framing, self._new_id)
 
-    def outbound(self) -> Outbound:
+    def outbound(self) -> "AnyOutbound":
         if self._outbound is None:
             self._outbound = self.handler.build_outbound(self.client, self.request, self.framing, self._new_id)
         return self._outbound
@@ -113,6 +140,8 @@ class Keyed:
 
 # Whatever an exchange relays a response to: a client, or a coalesced fetch.
 Sink = Union[ClientConnection, Fetch]
+# The request as it goes upstream: serialized once (one upstream), or per attempt (the gateway).
+AnyOutbound = Union["Outbound", RoutedRequest]
 
 
 class Outbound:
@@ -237,9 +266,12 @@ class Handler:
         cache: Optional[Cache],
         coalescer: Coalescer,
         metrics: RequestMetrics,
+        gateway: Optional[Gateway] = None,
     ) -> None:
         upstream = settings.upstream
         assert upstream is not None
+        self.gateway = gateway  # several upstreams ([[upstreams]]); None: the one pool
+        self.route_body_bytes = settings.route_body_bytes
         self.pool = pool
         self.cache = cache
         self.coalescer = coalescer
@@ -273,6 +305,9 @@ class Handler:
 
     def start(self, client: ClientConnection, request: RequestHead, body: RequestBody, framing: RequestFraming) -> None:
         """Called by the client protocol once per request; never blocks."""
+        if self.gateway is not None:
+            self._gateway_start(client, request, body, framing)
+            return
         plan = self._preroute(client, request, framing)
         if plan is not None:
             if plan is ANSWERED:
@@ -292,9 +327,12 @@ class Handler:
             return
         client.task = client.loop.create_task(self.handle(client, request, body, framing))
 
-    def _dispatch(self, sink: "Sink", body: RequestBody, outbound: Outbound, sent: List[bytes]) -> None:
+    def _dispatch(self, sink: "Sink", body: RequestBody, outbound: "AnyOutbound", sent: List[bytes]) -> None:
         """Send a request whose body is complete (or whose rest a task will pump): on an
         idle connection without a task when there is one, else through a task."""
+        if type(outbound) is RoutedRequest:
+            sink.task = sink.loop.create_task(self.gateway.run(self, sink, outbound, body, sent))  # type: ignore
+            return
         if body.complete:
             conn = self.pool.take_idle()
             if conn is not None:
@@ -319,7 +357,7 @@ class Handler:
                 self._run(client, exchange.outbound, exchange.body, exchange.sent, retries=1)
             )
             return
-        self._log_failure(exchange.outbound, exc)
+        self.log_failure(exchange.outbound.method, exchange.outbound.target, exc)
         client.send_error(exc)
 
     # --- the keyed path: cache and coalescer ---------------------------------------------------
@@ -339,7 +377,7 @@ class Handler:
                     break
                 req.chunks += got
                 if body.received > self.max_key_body:
-                    await self._run(client, req.outbound(), body, req.chunks, retries=0)
+                    await self._send(client, req.outbound(), body, req.chunks)
                     return
         except (asyncio.CancelledError, ClientGone):
             return
@@ -354,7 +392,7 @@ class Handler:
             whole = b"".join(req.chunks)
             # Too large to key on (the limit holds for a body already complete too),
             # or no rule's conditions hold: relayed plainly.
-            if len(whole) > self.max_key_body or not plan.finish(whole):
+            if len(whole) > self.max_key_body or not plan.finish(whole, req.parsed):
                 self._dispatch(req.client, req.body, req.outbound(), req.chunks)
                 return
         cache = self.cache
@@ -469,6 +507,9 @@ class Handler:
     async def handle(
         self, client: ClientConnection, request: RequestHead, body: RequestBody, framing: RequestFraming
     ) -> None:
+        if self.gateway is not None:
+            self._gateway_start(client, request, body, framing)
+            return
         plan = self._preroute(client, request, framing)
         if plan is not None:
             if plan is not ANSWERED:
@@ -504,7 +545,7 @@ class Handler:
         except (asyncio.CancelledError, ClientGone):
             pass
         except ProxyError as exc:
-            self._log_failure(outbound, exc)
+            self.log_failure(outbound.method, outbound.target, exc)
             client.send_error(exc)
         except Exception:  # pragma: no cover - a bug; the client still gets an answer
             log.exception("unexpected error while proxying")
@@ -643,14 +684,188 @@ class Handler:
             request.method, target, serialize_request_head(request.method, target, headers), framing.chunked
         )
 
-    def _log_failure(self, outbound: Outbound, exc: ProxyError) -> None:
+    def log_failure(self, method: bytes, target: bytes, exc: ProxyError) -> None:
         if isinstance(exc, UpstreamError):
             self.metrics.upstream_error(exc.kind)
         if exc.status >= 500:
-            log.warning(
-                "%s %s -> %d: %s",
-                outbound.method.decode(),
-                outbound.target[:200].decode("latin-1"),
-                exc.status,
-                exc.message,
-            )
+            log.warning("%s %s -> %d: %s", method.decode(), target[:200].decode("latin-1"), exc.status, exc.message)
+
+    async def _send(self, sink: "Sink", outbound: "AnyOutbound", body: RequestBody, sent: List[bytes]) -> None:
+        """Relay a request from a task that already runs (no new task)."""
+        if type(outbound) is RoutedRequest:
+            await self.gateway.run(self, sink, outbound, body, sent)  # type: ignore[union-attr]
+        else:
+            await self._run(sink, outbound, body, sent, retries=0)  # type: ignore[arg-type]
+
+    # --- the gateway: several upstreams --------------------------------------------------
+
+    def _gateway_start(
+        self, client: ClientConnection, request: RequestHead, body: RequestBody, framing: RequestFraming
+    ) -> None:
+        """Route by path (and, for model-routed paths, by the body's "model"), then through
+        the cache and the coalescer as for one upstream; the gateway sends it."""
+        gateway = self.gateway
+        assert gateway is not None
+        method = request.method
+        if request.target == self.health_path and method in _HEALTH_METHODS:
+            answer_health(client)
+            return
+        try:
+            path = request_path(to_origin_form(request.target))
+            kind, target = gateway.routes.by_head(method, path)
+            if kind is NO_ROUTE:
+                raise RouteNotFound(f"no upstream serves {path[:200].decode('latin-1')}")
+            plan = self.router.plan(request, framing.has_body) if self.router.active else None
+        except ProxyError as exc:
+            client.send_error(exc)
+            return
+        if kind is MODEL_LIST:
+            answer_models(client, gateway.routes.models_body)
+            return
+        if kind is BY_MODEL or not body.complete or body.error is not None:
+            client.task = client.loop.create_task(self._gateway_task(client, request, body, framing, target, plan))
+            return
+        self._gateway_go(client, request, framing, body, target, plan, body.take_buffered(), None, UNPARSED)
+
+    async def _gateway_task(
+        self,
+        client: ClientConnection,
+        request: RequestHead,
+        body: RequestBody,
+        framing: RequestFraming,
+        target: Optional[Target],
+        plan: Optional[Plan],
+    ) -> None:
+        gateway = self.gateway
+        assert gateway is not None
+        whole: Optional[bytes] = None
+        parsed: Any = UNPARSED
+        chunks: List[bytes] = []
+        try:
+            if framing.has_body:
+                client.send_continue()
+            if target is None:  # by model: the whole body first, parsed once
+                limit = self.route_body_bytes
+                while True:
+                    got = await body.read()
+                    if got is None:
+                        break
+                    chunks += got
+                    if body.received > limit:
+                        raise BodyTooLarge(f"a request routed by model may have at most {limit} body bytes")
+                whole = b"".join(chunks)
+                chunks = [whole]
+                ok, value = parse_json_body(whole)
+                if not ok:
+                    raise BadRequest("the request body is not valid JSON")
+                target = gateway.routes.by_model(value)
+                # Cache and coalescing keys name the public model, not the alias.
+                parsed = (True, dict(value, model=target.public_model))
+            elif not body.started:
+                await body.wait_started()
+            elif body.error is not None:
+                raise body.error
+        except (asyncio.CancelledError, ClientGone):
+            return
+        except ProxyError as exc:
+            client.send_error(exc)
+            return
+        if whole is None and plan is None:
+            # Streamed through: a body already complete goes out with the head.
+            chunks = body.take_buffered() if body.complete else []
+            routed = self.routed_request(client, request, framing, self.assign_request_id(client, request), target)
+            await gateway.run(self, client, routed, body, chunks)
+            return
+        self._gateway_go(client, request, framing, body, target, plan, chunks, whole, parsed)
+
+    def _gateway_go(
+        self,
+        client: ClientConnection,
+        request: RequestHead,
+        framing: RequestFraming,
+        body: RequestBody,
+        target: Target,
+        plan: Optional[Plan],
+        chunks: List[bytes],
+        whole: Optional[bytes],
+        parsed: Any,
+    ) -> None:
+        if plan is None:
+            routed = self.routed_request(client, request, framing, self.assign_request_id(client, request), target)
+            routed.whole = whole
+            self._dispatch(client, body, routed, chunks)
+            return
+        req = Keyed(self, client, request, framing, body, plan, chunks)
+        routed = req._outbound
+        assert type(routed) is RoutedRequest
+        routed.route = target
+        routed.whole = whole
+        req.parsed = parsed
+        if plan.needs_body and whole is None and not body.complete:
+            client.task = client.loop.create_task(self._keyed_collect(req))
+            return
+        self._keyed(req)
+
+    async def _keyed_collect(self, req: "Keyed") -> None:
+        """A path-routed keyed request whose body is still arriving (see _keyed_task)."""
+        client, body = req.client, req.body
+        try:
+            while True:
+                got = await body.read()
+                if got is None:
+                    break
+                req.chunks += got
+                if body.received > self.max_key_body:
+                    await self._send(client, req.outbound(), body, req.chunks)
+                    return
+        except (asyncio.CancelledError, ClientGone):
+            return
+        except ProxyError as exc:
+            client.send_error(exc)
+            return
+        self._keyed(req)
+
+    def routed_request(
+        self,
+        client: ClientConnection,
+        request: RequestHead,
+        framing: RequestFraming,
+        new_request_id: bytes,
+        target: Optional[Target] = None,
+    ) -> RoutedRequest:
+        """The request as the gateway sends it, before the upstream is chosen."""
+        headers = upstream_request_headers(
+            request.headers,
+            upstream_host=b"",
+            client_ip=client.client_ip,
+            scheme=b"http",
+            framing=_NO_FRAMING,
+            allow_underscores=self.allow_underscores,
+        )
+        del headers[0]  # the Host: each upstream's own, per attempt
+        if new_request_id:
+            headers.append((b"x-request-id", new_request_id))
+        return RoutedRequest(
+            request.method,
+            to_origin_form(request.target),
+            headers,
+            framing.chunked,
+            framing.content_length,
+            target,  # type: ignore[arg-type]  # set by the caller once routed
+            None,
+        )
+
+
+_NO_FRAMING = RequestFraming(None, False)
+
+
+def answer_models(client: ClientConnection, body: bytes) -> None:
+    """GET /v1/models with [[models]] configured: the public names, from pyproxy."""
+    client.start_response(
+        200,
+        b"OK",
+        [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+    )
+    if client._method != b"HEAD":
+        client.send_data(body)
+    client.finish_response()

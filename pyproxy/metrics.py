@@ -39,6 +39,10 @@ DURATION_BUCKETS: Tuple[float, ...] = (
 )
 
 
+# The upstream label of one --upstream (the gateway's upstreams have their names).
+DEFAULT_UPSTREAM = "default"
+
+
 class Histogram:
     __slots__ = ("counts", "total", "count")
 
@@ -62,7 +66,7 @@ class RequestMetrics:
     def __init__(self) -> None:
         self.requests: Dict[Tuple[str, str, str], int] = {}
         self.durations: Dict[Tuple[str, str], Histogram] = {}
-        self.upstream_ttfb: Dict[str, Histogram] = {}
+        self.upstream_ttfb: Dict[Tuple[str, str], Histogram] = {}  # by (endpoint, upstream)
         self.bytes_in = 0
         self.bytes_out = 0
         self.upstream_errors: Dict[str, int] = {}
@@ -74,7 +78,15 @@ class RequestMetrics:
         self.limits[limit] = self.limits.get(limit, 0) + 1
 
     def request_done(
-        self, endpoint: str, method: str, status: int, duration: float, ttfb: float, bytes_in: int, bytes_out: int
+        self,
+        endpoint: str,
+        method: str,
+        status: int,
+        duration: float,
+        ttfb: float,
+        bytes_in: int,
+        bytes_out: int,
+        upstream: str = "",
     ) -> None:
         key = (endpoint, method, str(status))
         self.requests[key] = self.requests.get(key, 0) + 1
@@ -83,9 +95,10 @@ class RequestMetrics:
             hist = self.durations[(endpoint, method)] = Histogram()
         hist.observe(duration)
         if ttfb >= 0:
-            up = self.upstream_ttfb.get(endpoint)
+            ttfb_key = (endpoint, upstream or DEFAULT_UPSTREAM)
+            up = self.upstream_ttfb.get(ttfb_key)
             if up is None:
-                up = self.upstream_ttfb[endpoint] = Histogram()
+                up = self.upstream_ttfb[ttfb_key] = Histogram()
             up.observe(ttfb)
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
@@ -101,7 +114,7 @@ def snapshot(proxy: "Proxy") -> Dict[str, Any]:
     data: Dict[str, Any] = {
         "requests": [[list(k), v] for k, v in m.requests.items()],
         "durations": [[list(k), h.snapshot()] for k, h in m.durations.items()],
-        "upstream_ttfb": [[k, h.snapshot()] for k, h in m.upstream_ttfb.items()],
+        "upstream_ttfb": [[list(k), h.snapshot()] for k, h in m.upstream_ttfb.items()],
         "bytes_in": m.bytes_in,
         "bytes_out": m.bytes_out,
         "upstream_errors": dict(m.upstream_errors),
@@ -125,6 +138,8 @@ def snapshot(proxy: "Proxy") -> Dict[str, Any]:
     }
     if proxy.cache is not None:
         data["cache"] = proxy.cache.stats.as_dict()
+    if proxy.gateway is not None:
+        data["upstreams"] = proxy.gateway.snapshot()
     return data
 
 
@@ -133,14 +148,23 @@ def merge_snapshots(snapshots: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     merged: Dict[str, Any] = {}
     requests: Dict[Tuple[str, ...], int] = {}
     durations: Dict[Tuple[str, ...], Dict[str, Any]] = {}
-    ttfb: Dict[str, Dict[str, Any]] = {}
+    ttfb: Dict[Tuple[str, ...], Dict[str, Any]] = {}
+    upstreams: Dict[str, Dict[str, Any]] = {}
     for snap in snapshots:
+        for name, numbers in snap.get("upstreams", {}).items():
+            into = upstreams.setdefault(name, {"requests": {}, "attempts": {}, "ejections": 0, "up": 0, "in_flight": 0})
+            for table in ("requests", "attempts"):
+                for label, value in numbers[table].items():
+                    into[table][label] = into[table].get(label, 0) + value
+            for name_ in ("ejections", "in_flight"):
+                into[name_] += numbers[name_]
+            into["up"] = max(into["up"], numbers["up"])  # up if any worker has it in rotation
         for key, value in snap["requests"]:
             requests[tuple(key)] = requests.get(tuple(key), 0) + value
         for key, hist in snap["durations"]:
             _add_hist(durations, tuple(key), hist)
         for key, hist in snap["upstream_ttfb"]:
-            _add_hist(ttfb, key, hist)
+            _add_hist(ttfb, tuple(key), hist)
         for name in ("bytes_in", "bytes_out", "client_errors", "in_flight", "client_connections"):
             merged[name] = merged.get(name, 0) + snap[name]
         for group in ("pool", "dedup", "cache", "upstream_errors", "limits"):
@@ -150,7 +174,9 @@ def merge_snapshots(snapshots: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
                     target[name] = target.get(name, 0) + value
     merged["requests"] = [[list(k), v] for k, v in requests.items()]
     merged["durations"] = [[list(k), h] for k, h in durations.items()]
-    merged["upstream_ttfb"] = [[k, h] for k, h in ttfb.items()]
+    merged["upstream_ttfb"] = [[list(k), h] for k, h in ttfb.items()]
+    if upstreams:
+        merged["upstreams"] = upstreams
     return merged
 
 
@@ -193,11 +219,12 @@ class SnapshotCollector:
         ttfb = HistogramMetricFamily(
             "proxy_upstream_ttfb_seconds",
             "Time from sending a request upstream to its response head",
-            labels=["endpoint"],
+            labels=["endpoint", "upstream"],
         )
-        for endpoint, hist in snap["upstream_ttfb"]:
-            ttfb.add_metric([endpoint], _buckets(hist), hist["total"])
+        for (endpoint, upstream), hist in snap["upstream_ttfb"]:
+            ttfb.add_metric([endpoint, upstream], _buckets(hist), hist["total"])
         yield ttfb
+        yield from _upstream_families(snap.get("upstreams"))
         yield _single(GaugeMetricFamily, "proxy_requests_in_flight", "Requests being answered", snap["in_flight"])
         yield _single(
             GaugeMetricFamily, "proxy_client_connections", "Open client connections", snap["client_connections"]
@@ -272,6 +299,34 @@ class SnapshotCollector:
             "Response bytes kept by requests in flight, for the cache and late joiners",
             dedup["retained_bytes"],
         )
+
+
+def _upstream_families(upstreams: Any) -> Iterator[Any]:
+    """The gateway's per-upstream metrics; labels are configured names only."""
+    if not upstreams:
+        return
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    requests = CounterMetricFamily(
+        "proxy_upstream_requests", "Responses from each upstream, by status", labels=["upstream", "status"]
+    )
+    attempts = CounterMetricFamily(
+        "proxy_upstream_attempts",
+        "Attempts on each upstream, by outcome (success, retried, failure, connect_error, reset, timeout, stale)",
+        labels=["upstream", "outcome"],
+    )
+    ejections = CounterMetricFamily("proxy_upstream_ejections", "Times an upstream was ejected", labels=["upstream"])
+    up = GaugeMetricFamily("proxy_upstream_up", "1 if the upstream is in rotation", labels=["upstream"])
+    in_flight = GaugeMetricFamily("proxy_upstream_in_flight", "Attempts in flight", labels=["upstream"])
+    for name, numbers in sorted(upstreams.items()):
+        for status, value in sorted(numbers["requests"].items()):
+            requests.add_metric([name, status], value)
+        for outcome, value in sorted(numbers["attempts"].items()):
+            attempts.add_metric([name, outcome], value)
+        ejections.add_metric([name], numbers["ejections"])
+        up.add_metric([name], numbers["up"])
+        in_flight.add_metric([name], numbers["in_flight"])
+    yield from (requests, attempts, ejections, up, in_flight)
 
 
 def _buckets(hist: Dict[str, Any]) -> List[Tuple[str, float]]:

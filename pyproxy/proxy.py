@@ -15,6 +15,8 @@ from pyproxy.admin import AdminServer, AdminSource
 from pyproxy.cache.layer import Cache
 from pyproxy.config import ConfigError, Settings
 from pyproxy.dedup import Coalescer
+from pyproxy.gateway.probe import GatewayChecks
+from pyproxy.gateway.relay import Gateway
 from pyproxy.handler import Handler
 from pyproxy.health import UpstreamProbe
 from pyproxy.metrics import RequestMetrics, snapshot
@@ -44,14 +46,21 @@ class Proxy:
             raise ValueError("settings.upstream is required")
         self.settings = settings
         self.loop = loop or asyncio.get_event_loop()
-        self.pool = ConnectionPool(settings.upstream, settings, self.loop)
+        # Several upstreams ([[upstreams]]): the gateway owns one pool per upstream, and the
+        # first one's pool stands for "the" pool in the metrics of one-upstream code.
+        self.gateway: Optional[Gateway] = Gateway(settings, self.loop) if settings.gateway is not None else None
+        if self.gateway is not None:
+            self.pool = next(iter(self.gateway.pools.values()))
+        else:
+            self.pool = ConnectionPool(settings.upstream, settings, self.loop)
         self.cache: Optional[Cache] = Cache(settings, self.loop, clock) if settings.cache_enabled else None
         self.coalescer = Coalescer(
             settings.dedup_replay_bytes, settings.dedup_max_backlog, settings.inflight_buffer_bytes
         )
         self.metrics = RequestMetrics()
         self.endpoints = Endpoints(settings)
-        self.handler = Handler(settings, self.pool, self.cache, self.coalescer, self.metrics)
+        self.handler = Handler(settings, self.pool, self.cache, self.coalescer, self.metrics, self.gateway)
+        self.gateway_checks = GatewayChecks(self.gateway, settings) if self.gateway is not None else None
         self.access_log: Optional[AccessLog] = None
         self.probe = UpstreamProbe(settings.upstream, settings.health_interval, settings.connect_timeout)
         self.admin: Optional[AdminServer] = None
@@ -100,6 +109,8 @@ class Proxy:
             # Started only once every address is bound: a start-up failure leaves
             # nothing running in the background to wait for.
             self.probe.start()
+        if self.gateway_checks is not None:  # they bring ejected upstreams back: every worker runs them
+            self.gateway_checks.start()
 
     @property
     def port(self) -> int:
@@ -113,7 +124,9 @@ class Proxy:
         duration = perf_counter() - client.started_at
         body = client.body
         bytes_in = body.received if body is not None else 0
-        self.metrics.request_done(endpoint, method, status, duration, client.upstream_ttfb, bytes_in, client.bytes_out)
+        self.metrics.request_done(
+            endpoint, method, status, duration, client.upstream_ttfb, bytes_in, client.bytes_out, client.upstream_name
+        )
         if self.access_log is not None:
             self.access_log.log(
                 client.client_ip.decode("latin-1"),
@@ -126,6 +139,8 @@ class Proxy:
                 client.cache_status.decode("latin-1"),
                 client.dedup_status.decode("latin-1"),
                 client.request_id.decode("latin-1"),
+                client.upstream_name,
+                client.attempts,
             )
 
     def _new_connection(self) -> ClientConnection:
@@ -172,6 +187,8 @@ class Proxy:
             if conn.transport is not None:
                 conn.transport.abort()
         self.pool.close()
+        if self.gateway is not None:
+            self.gateway.close()
         if self.cache is not None:
             await self.cache.close()
         await self._stop_aux()
@@ -202,6 +219,8 @@ class Proxy:
 
     async def _stop_aux(self) -> None:
         await self.probe.stop()
+        if self.gateway_checks is not None:
+            await self.gateway_checks.stop()
         if self.admin is not None:
             await self.admin.stop()
             self.admin = None
@@ -227,9 +246,29 @@ class ProxyAdmin(AdminSource):
     def health(self) -> Dict[str, Any]:
         return {"status": "ok", "draining": self.proxy.draining, "upstream": self.proxy.probe.state()}
 
+    async def upstreams(self) -> Dict[str, Any]:
+        return upstreams_view(self.proxy)
+
     def ready(self) -> bool:
         return not self.proxy.draining
 
     async def purge(self, path: Optional[bytes], prefix: Optional[bytes]) -> int:
         cache = self.proxy.cache
         return await cache.purge(path=path, prefix=prefix) if cache is not None else 0
+
+
+def upstreams_view(proxy: Proxy) -> Dict[str, Any]:
+    """The admin /upstreams answer of one process: state, load, latency, errors, pool."""
+    if proxy.gateway is not None:
+        return proxy.gateway.describe()
+    pool = proxy.pool
+    upstream = proxy.settings.upstream
+    assert upstream is not None
+    return {
+        "default": {
+            "origin": upstream.origin,
+            "state": "up" if proxy.probe.reachable is not False else "failing_check",
+            "in_flight": len(pool.active),
+            "pool": pool.gauges(),
+        }
+    }

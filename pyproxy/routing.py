@@ -9,7 +9,7 @@ body is in, because its key and the rules' ``when`` conditions depend on it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, FrozenSet, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Optional, Sequence, Tuple
 
 from pyproxy.cache import policy
 from pyproxy.cache.key import (
@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
 Header = Tuple[bytes, bytes]
 
 _SAFE = frozenset({b"GET", b"HEAD"})
+# Plan.finish's parsed argument when nobody parsed the body yet.
+UNPARSED: object = object()
 ROUTE_MEMO_SIZE = 4096
 
 
@@ -80,10 +82,12 @@ class Plan:
         if not self.needs_body:
             self._set_keys(NO_BODY)
 
-    def finish(self, body: bytes) -> bool:
+    def finish(self, body: bytes, parsed: Any = UNPARSED) -> bool:
         """With the whole body: apply the rules' ``when`` conditions and compute the key.
-        False: no rule applies after all (the request is relayed plainly)."""
-        parsed = parse_json_body(body)
+        False: no rule applies after all (the request is relayed plainly). ``parsed``:
+        the body's JSON when routing by model parsed it already (parsed once per request)."""
+        if parsed is UNPARSED:
+            parsed = parse_json_body(body)
         if self.cache_rule is not None and not body_matches(self.cache_rule, parsed):
             self.cache_rule = None
             self.cache_mode = None

@@ -15,7 +15,7 @@ CACHE_RULE_KEYS = _COMMON_KEYS | frozenset(
     {"ttl", "stale_while_revalidate", "stale_if_error", "shared", "ignore_fields", "when", "stream"}
 )
 DEDUP_RULE_KEYS = _COMMON_KEYS
-ROUTE_KEYS = _COMMON_KEYS
+ROUTE_KEYS = _COMMON_KEYS | frozenset({"upstream"})
 ANY_METHOD = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
@@ -36,6 +36,7 @@ class Rule:
     ignore_fields: Tuple[str, ...] = ()  # top-level JSON body fields left out of the key
     when: Tuple[Tuple[str, Any], ...] = ()  # JSON body fields that must have these values
     stream: bool = False  # record and replay text/event-stream responses
+    upstream: str = ""  # [[routes]]: the upstream requests on this path go to (the gateway)
 
     def matches(self, method: bytes, path: bytes) -> bool:
         if method not in self.methods:
@@ -94,6 +95,10 @@ def parse_rule(table: Any, where: str, allowed: FrozenSet[str], default_methods:
             if not isinstance(table[key], bool):
                 raise RuleError(f"{where}: {key} must be true or false, got {table[key]!r}")
             fields[key] = table[key]
+    if "upstream" in table:
+        if not isinstance(table["upstream"], str) or not table["upstream"]:
+            raise RuleError(f"{where}: upstream must be an upstream's name, got {table['upstream']!r}")
+        fields["upstream"] = table["upstream"]
     if "ignore_fields" in table:
         ignore = table["ignore_fields"]
         if not isinstance(ignore, list) or not all(isinstance(f, str) for f in ignore):

@@ -328,6 +328,12 @@ class SupervisorAdmin(AdminSource):
         sup = self.supervisor
         return not sup.draining and any(w.ready.done() and w.ready.result() for w in sup.workers)
 
+    async def upstreams(self) -> Dict[str, Any]:
+        """Each worker's view (ejection and latency are per worker: each sees its own traffic)."""
+        workers = list(self.supervisor.workers)
+        replies = await asyncio.gather(*(w.ask({"op": "upstreams"}) for w in workers))
+        return {"workers": {str(w.pid): r for w, r in zip(workers, replies) if r is not None}}
+
     async def purge(self, path: Optional[bytes], prefix: Optional[bytes]) -> int:
         command = {
             "op": "purge",
@@ -362,6 +368,10 @@ async def serve_control(proxy: Any, control_fd: int, stop: asyncio.Event) -> Non
                 op = None
             if op == "snapshot":
                 reply: Dict[str, Any] = snapshot(proxy)
+            elif op == "upstreams":
+                from pyproxy.proxy import upstreams_view
+
+                reply = upstreams_view(proxy)
             elif op == "purge" and proxy.cache is not None:
                 path, prefix = command.get("path"), command.get("prefix")
                 purged = await proxy.cache.purge(

@@ -177,6 +177,8 @@ class ClientConnection(asyncio.Protocol):
         "upstream_ttfb",
         "cache_status",
         "dedup_status",
+        "upstream_name",
+        "attempts",
         "_observing",
         "accepts_gzip",
         "_gzip",
@@ -221,6 +223,8 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_ttfb = -1.0  # seconds from sending upstream to its response head; -1: none
         self.cache_status = b"-"
         self.dedup_status = b"-"
+        self.upstream_name = ""  # the gateway's upstream that answered ("" : none, or the one --upstream)
+        self.attempts = 0
         self._observing = False
         self.accepts_gzip = False  # the current request's client takes gzip (and it is on)
         self._gzip: Optional[GzipStream] = None
@@ -431,6 +435,8 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_out = 0
         self.upstream_ttfb = -1.0
         self.cache_status = self.dedup_status = b"-"
+        self.upstream_name = ""
+        self.attempts = 0
         self._observing = True
         settings = self.proxy.settings
         self.accepts_gzip = settings.gzip and request.method != b"HEAD" and accepts_gzip(request.headers)
@@ -544,6 +550,10 @@ class ClientConnection(asyncio.Protocol):
         if settings.server_timing:
             extra.append((b"server-timing", self._server_timing()))
         return extra
+
+    def note_upstream(self, name: str, attempts: int) -> None:
+        self.upstream_name = name
+        self.attempts = attempts
 
     @property
     def gone(self) -> bool:

@@ -234,6 +234,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = head.keep_alive  # type: ignore[union-attr]
         self._body_left = head.content_length  # type: ignore[union-attr]
         self.listener.on_response(ResponseHead(head.status, head.reason, head.headers))  # type: ignore
+        if self.listener is None:
+            return  # the listener let go of the response (a gateway retry elsewhere): closed
         rest = data[head.head_length :]  # type: ignore[union-attr]
         if self._body_left < 0:
             self._mode = _FAST_CHUNKED

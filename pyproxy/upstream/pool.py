@@ -63,13 +63,20 @@ class PoolStats:
 
 
 class ConnectionPool:
-    def __init__(self, upstream: Upstream, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        settings: Settings,
+        loop: asyncio.AbstractEventLoop,
+        max_connections: Optional[int] = None,
+    ) -> None:
+        """``max_connections``: this pool's bound (a gateway upstream's own), else --pool-connections."""
         self.upstream = upstream
         self.loop = loop
-        self.max_connections = settings.pool_connections
-        self.max_idle = settings.keepalive_connections
+        self.max_connections = max_connections or settings.pool_connections
+        self.max_idle = min(settings.keepalive_connections, self.max_connections)
         # how many more may sit idle briefly (see release)
-        self.max_surplus = settings.pool_connections - settings.keepalive_connections
+        self.max_surplus = self.max_connections - self.max_idle
         self.keepalive_expiry = settings.keepalive_expiry
         self.connect_timeout = settings.connect_timeout
         self.read_timeout = settings.read_timeout
@@ -86,6 +93,15 @@ class ConnectionPool:
         self._protocol = UpstreamConnection if is_uvloop(loop) else BufferedUpstreamConnection
 
     # --- counts ----------------------------------------------------------------
+
+    def gauges(self) -> dict:
+        return {
+            "active": len(self.active),
+            "idle": len(self.idle),
+            "connecting": self.connecting,
+            "waiting": len(self.waiters),
+            "max": self.max_connections,
+        }
 
     @property
     def size(self) -> int:

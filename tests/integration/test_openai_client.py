@@ -8,7 +8,9 @@ from typing import Any, List
 
 import pytest
 
+from pyproxy._compat import json_loads
 from tests.support.client import running_proxy
+from tests.support.gateway import running_gateway, upstreams_toml
 from tests.support.origin import Origin, Received, Reply
 
 openai = pytest.importorskip("openai", reason="the openai package does not install on this interpreter")
@@ -71,3 +73,39 @@ async def test_openai_package_models_chat_and_stream() -> None:
         assert pieces == WORDS
         assert [r.target for r in origin.requests] == [b"/v1/models", b"/v1/chat/completions", b"/v1/chat/completions"]
         assert all(r.header(b"authorization") == b"Bearer sk-test" for r in origin.requests)
+
+
+async def test_openai_client_against_two_upstreams() -> None:
+    """Routed by model, renamed per deployment; the client sees the upstream's own model."""
+    async with Origin() as a, Origin() as b:
+        for origin, name in ((a, "a"), (b, "b")):
+
+            @origin.route(b"/v1/chat/completions")
+            async def answer(req: Received, reply: Reply, name: str = name) -> None:
+                got = json_loads(req.body)
+                body = {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": got["model"],
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": name}, "finish_reason": "stop"}
+                    ],
+                }
+                await reply.full(200, json.dumps(body).encode(), [(b"content-type", b"application/json")])
+
+        toml = upstreams_toml(a=a, b=b) + (
+            '[[models]]\nname = "m"\ndeployments = [{ upstream = "a", model = "ma" }, { upstream = "b", model = "mb" }]\n'
+        )
+        async with running_gateway(toml) as proxy:
+            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{proxy.port}/v1", api_key="sk-test", max_retries=0)
+            try:
+                seen: List[str] = []
+                for _ in range(4):
+                    done = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+                    seen.append(done.choices[0].message.content)
+                    assert done.model == {"a": "ma", "b": "mb"}[seen[-1]]
+                listed = await client.models.list()
+                assert [m.id for m in listed.data] == ["m"]
+            finally:
+                await client.close()

@@ -194,7 +194,7 @@ async def test_access_log_json_fields_and_redaction(tmp_path: Path) -> None:
     first, second, third = records
     assert set(first) == {
         "time", "client", "method", "path", "status", "bytes", "duration_ms", "upstream_ttfb_ms", "cache", "dedup",
-        "request_id",
+        "request_id", "upstream", "attempts",
     }  # fmt: skip
     assert (first["method"], first["path"], first["status"], first["client"]) == ("GET", "/v1/models", 200, "127.0.0.1")
     assert first["bytes"] == len(MODELS_BODY) and first["cache"] == "MISS" and first["dedup"] == "leader"

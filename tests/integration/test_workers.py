@@ -8,7 +8,7 @@ import os
 import re
 import signal
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from tests.integration.test_cli import ROOT, _env
 from tests.integration.test_operations import metric
@@ -56,12 +56,14 @@ class Supervised:
         return code
 
 
-async def start_supervised(upstream: str, *args: str) -> Supervised:
+async def start_supervised(upstream: Optional[str], *args: str, env: Optional[Dict[str, str]] = None) -> Supervised:
+    """``upstream`` None: the upstreams come from the --config file's [[upstreams]]."""
     admin = free_port()
+    target = ["--upstream", upstream] if upstream is not None else []
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pyproxy", "--upstream", upstream, "--listen", "127.0.0.1:0",
+        sys.executable, "-m", "pyproxy", *target, "--listen", "127.0.0.1:0",
         "--admin-listen", f"127.0.0.1:{admin}", "--drain-timeout", "20", *args,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=_env(), cwd=str(ROOT),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=_env(env), cwd=str(ROOT),
     )  # fmt: skip
     assert process.stderr is not None
     log: List[str] = []
@@ -105,13 +107,18 @@ async def test_workers_serve_share_metrics_and_restart_after_a_crash() -> None:
             assert await sup.stop() == 0
 
 
-async def load_loop(port: int, stop: asyncio.Event, results: Dict[str, int], failures: List[str]) -> None:
+GET_ECHO = b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+async def load_loop(
+    port: int, stop: asyncio.Event, results: Dict[str, int], failures: List[str], raw_request: bytes = GET_ECHO
+) -> None:
     """Requests back to back until told to stop, each on a new connection: a request
     that fails is a failure, there is no retry to hide it."""
     while not stop.is_set():
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            writer.write(raw_request)
             await writer.drain()
             data = await asyncio.wait_for(reader.read(), 20)
             writer.close()
@@ -166,5 +173,66 @@ async def test_bad_config_on_reload_keeps_the_running_workers(tmp_path: Any) -> 
             assert (await sup.health())["worker_pids"] == pids
             assert (await request(sup.port, b"GET", b"/v1/models")).status == 200
             assert json.loads((await request(sup.admin, b"GET", b"/ready")).body) == {"ready": True}
+        finally:
+            assert await sup.stop() == 0
+
+
+GATEWAY_CONFIG = """
+[[upstreams]]
+name = "{name}"
+url = "{url}"
+api_key = "env:GW_TEST_KEY"
+
+[[models]]
+name = "m"
+deployments = [{{ upstream = "{name}" }}]
+"""
+CHAT_BODY = b'{"model":"m","messages":[]}'
+RAW_CHAT = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(CHAT_BODY), CHAT_BODY)
+)
+
+
+async def test_sighup_applies_a_new_upstream_set_under_load_and_refuses_a_bad_one(tmp_path: Any) -> None:
+    config = tmp_path / "gateway.toml"
+    async with Origin() as first, Origin() as second:
+        for origin in (first, second):
+
+            @origin.route(b"/v1/chat/completions")
+            async def chat(req: Any, reply: Any) -> None:
+                await reply.full(200, b'{"ok":true}')
+
+        config.write_text(GATEWAY_CONFIG.format(name="first", url=first.url))
+        sup = await start_supervised(
+            None, "--workers", "2", "--config", str(config), env={"GW_TEST_KEY": "sk-reload-test"}
+        )
+        try:
+            stop = asyncio.Event()
+            results = {"ok": 0}
+            failures: List[str] = []
+            loops = [asyncio.ensure_future(load_loop(sup.port, stop, results, failures, RAW_CHAT)) for _ in range(8)]
+            await asyncio.sleep(0.5)
+            # A bad one first (a deployment naming no upstream): refused, the old set stays.
+            config.write_text(
+                GATEWAY_CONFIG.format(name="first", url=first.url).replace('upstream = "first"', 'upstream = "x"')
+            )
+            sup.process.send_signal(signal.SIGHUP)
+            await sup.wait_for_log("reload refused.*models\\[0\\].deployments\\[0\\].upstream")
+            config.write_text(GATEWAY_CONFIG.format(name="second", url=second.url))
+            sup.process.send_signal(signal.SIGHUP)
+            await sup.wait_for_log(r"reload 1: 2 new workers accepting, 2 old draining")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            seen = len(second.requests)
+            while len(second.requests) < seen + 50:
+                assert loop.time() < deadline, "the new upstream set was not applied"
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.gather(*loops)
+            assert failures == [], failures[:5]
+            assert first.requests and second.requests
+            for got in first.requests + second.requests:
+                assert got.header(b"authorization") == b"Bearer sk-reload-test"
         finally:
             assert await sup.stop() == 0

@@ -1,0 +1,277 @@
+"""The gateway's tables of the config file: ``[[upstreams]]``, ``[[models]]``,
+``[model_aliases]``, the ``upstream`` of ``[[routes]]`` and ``default_upstream``.
+
+Validated once at start-up (and on reload); every mistake is one line that
+names the table and key. Upstream keys are read here -- from the environment
+or a file -- and wrapped in ``Secret``, whose repr never shows the value, so
+no log line, traceback or admin answer can print one by accident.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
+
+from pyproxy.rules import Rule
+
+NAME_RE = re.compile(r"^[a-z0-9_-]+$")
+AUTH_HEADERS = ("authorization", "x-api-key", "api-key")
+UPSTREAM_KEYS = frozenset({"name", "url", "api_key", "auth_header", "max_connections", "health_path"})
+MODEL_KEYS = frozenset({"name", "deployments", "retry_on", "max_attempts"})
+DEPLOYMENT_KEYS = frozenset({"upstream", "weight", "priority", "model"})
+# Failures retried only when a model opts in: the upstream may already be working
+# (and billing) on the request.
+OPT_IN_RETRIES = frozenset({"500", "timeout", "reset"})
+DEFAULT_MAX_ATTEMPTS = 3
+NO_DEFAULT = "none"  # default_upstream = "none": unmatched requests get 404
+
+
+class GatewayConfigError(ValueError):
+    """One line naming the table and key."""
+
+
+class Secret:
+    """An upstream key: usable as bytes, never printed."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    name: str
+    url: str
+    upstream: Any  # pyproxy.config.Upstream (parsed URL)
+    api_key: Optional[Secret] = None
+    auth_header: str = "authorization"
+    max_connections: Optional[int] = None  # None: --pool-connections
+    health_path: Optional[bytes] = None  # None: a TCP check
+
+    def credential_header(self) -> Optional[Tuple[bytes, bytes]]:
+        """The header that carries the injected key, or None (pass-through)."""
+        if self.api_key is None:
+            return None
+        key = self.api_key.value.encode("latin-1")
+        if self.auth_header == "authorization":
+            return (b"authorization", b"Bearer " + key)
+        return (self.auth_header.encode("ascii"), key)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    upstream: str
+    weight: float = 1.0
+    priority: int = 0
+    model: Optional[str] = None  # the model name the upstream is sent, if not the public one
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # the public name, or a glob ("gpt-*")
+    deployments: Tuple[Deployment, ...]
+    retry_on: FrozenSet[str] = frozenset()
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+
+    @property
+    def is_glob(self) -> bool:
+        return any(c in self.name for c in "*?[")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    upstreams: Tuple[UpstreamSpec, ...]
+    models: Tuple[ModelSpec, ...] = ()
+    aliases: Tuple[Tuple[str, str], ...] = ()
+    routes: Tuple[Rule, ...] = ()  # the [[routes]] that name an upstream
+    default_upstream: Optional[str] = None  # None: no default (404); else an upstream name
+    upstream_names: Tuple[str, ...] = field(default=())
+
+    def upstream(self, name: str) -> UpstreamSpec:
+        for spec in self.upstreams:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+def resolve_secret(value: Any, where: str, environ: Mapping[str, str]) -> Secret:
+    """``env:NAME``, ``file:/path`` or the key itself."""
+    if not isinstance(value, str) or not value:
+        raise GatewayConfigError(f"{where}: expected a string (env:NAME, file:PATH or the key)")
+    if value.startswith("env:"):
+        name = value[4:]
+        if not name:
+            raise GatewayConfigError(f"{where}: env: needs a variable name")
+        if not environ.get(name):
+            raise GatewayConfigError(f"{where}: environment variable {name} is not set")
+        text = environ[name]
+    elif value.startswith("file:"):
+        path = value[5:]
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise GatewayConfigError(f"{where}: cannot read {path!r}: {reason}") from None
+        if not text:
+            raise GatewayConfigError(f"{where}: {path!r} is empty")
+    else:
+        text = value
+    text = text.strip()
+    # A header value: RFC 9110 §5.5 field-value, and no line breaks (header injection).
+    if not text or any(ord(c) < 0x20 or ord(c) > 0x7E for c in text):
+        raise GatewayConfigError(f"{where}: the key has characters a header cannot carry")
+    return Secret(text)
+
+
+def _table(value: Any, where: str, allowed: FrozenSet[str]) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise GatewayConfigError(f"{where}: expected a table, got {value!r}")
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise GatewayConfigError(f"{where}: unknown key {unknown[0]!r} (expected one of {', '.join(sorted(allowed))})")
+    return value
+
+
+def _array(value: Any, where: str) -> List[Any]:
+    if not isinstance(value, list):
+        raise GatewayConfigError(f"{where}: expected an array of tables ([[...]]), got {value!r}")
+    return value
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise GatewayConfigError(f"{where}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def _parse_upstream(table: Any, where: str, environ: Mapping[str, str]) -> UpstreamSpec:
+    from pyproxy.config import ConfigError, parse_upstream
+
+    table = _table(table, where, UPSTREAM_KEYS)
+    name = table.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise GatewayConfigError(f"{where}.name: expected a name of [a-z0-9_-], got {name!r}")
+    url = table.get("url")
+    if not isinstance(url, str):
+        raise GatewayConfigError(f"{where}.url: expected an http(s) URL, got {url!r}")
+    try:
+        parsed = parse_upstream(url)
+    except ConfigError as exc:
+        raise GatewayConfigError(f"{where}.url: {exc}") from None
+    auth_header = table.get("auth_header", "authorization")
+    if not isinstance(auth_header, str) or auth_header.lower() not in AUTH_HEADERS:
+        raise GatewayConfigError(f"{where}.auth_header: expected one of {', '.join(AUTH_HEADERS)}, got {auth_header!r}")
+    api_key = resolve_secret(table["api_key"], f"{where}.api_key", environ) if "api_key" in table else None
+    max_connections = (
+        _positive_int(table["max_connections"], f"{where}.max_connections") if "max_connections" in table else None
+    )
+    health_path = table.get("health_path")
+    if health_path is not None:
+        if not isinstance(health_path, str) or not health_path.startswith("/") or any(c in health_path for c in " #"):
+            raise GatewayConfigError(f"{where}.health_path: expected a path like /v1/models, got {health_path!r}")
+        health_path = health_path.encode("ascii")
+    return UpstreamSpec(name, url, parsed, api_key, auth_header.lower(), max_connections, health_path)
+
+
+def _parse_deployment(value: Any, where: str, upstreams: Dict[str, UpstreamSpec]) -> Deployment:
+    table = _table(value, where, DEPLOYMENT_KEYS)
+    upstream = table.get("upstream")
+    if upstream not in upstreams:
+        known = ", ".join(sorted(upstreams))
+        raise GatewayConfigError(f"{where}.upstream: no upstream named {upstream!r} (configured: {known})")
+    weight = table.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        raise GatewayConfigError(f"{where}.weight: expected a number > 0, got {weight!r}")
+    priority = table.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+        raise GatewayConfigError(f"{where}.priority: expected an integer >= 0, got {priority!r}")
+    model = table.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise GatewayConfigError(f"{where}.model: expected a model name, got {model!r}")
+    return Deployment(upstream, float(weight), priority, model)
+
+
+def _parse_model(value: Any, where: str, upstreams: Dict[str, UpstreamSpec]) -> ModelSpec:
+    table = _table(value, where, MODEL_KEYS)
+    name = table.get("name")
+    if not isinstance(name, str) or not name:
+        raise GatewayConfigError(f"{where}.name: expected the public model name, got {name!r}")
+    deployments = table.get("deployments")
+    if not isinstance(deployments, list) or not deployments:
+        raise GatewayConfigError(f"{where}.deployments: expected a non-empty array of {{ upstream = ... }}")
+    parsed = tuple(_parse_deployment(d, f"{where}.deployments[{i}]", upstreams) for i, d in enumerate(deployments))
+    retry_on = table.get("retry_on", [])
+    if not isinstance(retry_on, list) or not all(str(r) in OPT_IN_RETRIES for r in retry_on):
+        raise GatewayConfigError(
+            f"{where}.retry_on: expected a list of {', '.join(sorted(OPT_IN_RETRIES))}, got {retry_on!r}"
+        )
+    max_attempts = _positive_int(table.get("max_attempts", DEFAULT_MAX_ATTEMPTS), f"{where}.max_attempts")
+    return ModelSpec(name, parsed, frozenset(str(r) for r in retry_on), max_attempts)
+
+
+def parse_gateway(
+    tables: Mapping[str, Any], routes: Tuple[Rule, ...], environ: Mapping[str, str]
+) -> Optional[GatewayConfig]:
+    """The gateway config from the top-level TOML tables, or None (no ``[[upstreams]]``)."""
+    if "upstreams" not in tables:
+        for key in ("models", "model_aliases", "default_upstream"):
+            if key in tables:
+                raise GatewayConfigError(f"{key}: needs [[upstreams]]")
+        for i, rule in enumerate(routes):
+            if rule.upstream:
+                raise GatewayConfigError(f"routes[{i}].upstream: needs [[upstreams]]")
+        return None
+    specs = [
+        _parse_upstream(t, f"upstreams[{i}]", environ) for i, t in enumerate(_array(tables["upstreams"], "upstreams"))
+    ]
+    if not specs:
+        raise GatewayConfigError("upstreams: at least one [[upstreams]] is needed")
+    by_name: Dict[str, UpstreamSpec] = {}
+    for i, spec in enumerate(specs):
+        if spec.name in by_name:
+            raise GatewayConfigError(f"upstreams[{i}].name: {spec.name!r} is used twice")
+        by_name[spec.name] = spec
+    models = tuple(
+        _parse_model(t, f"models[{i}]", by_name) for i, t in enumerate(_array(tables.get("models", []), "models"))
+    )
+    seen = set()
+    for i, model in enumerate(models):
+        if model.name in seen:
+            raise GatewayConfigError(f"models[{i}].name: {model.name!r} is used twice")
+        seen.add(model.name)
+    aliases_table = tables.get("model_aliases", {})
+    if not isinstance(aliases_table, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in aliases_table.items()
+    ):
+        raise GatewayConfigError('model_aliases: expected a table of "alias" = "model"')
+    for alias, target in aliases_table.items():
+        if target in aliases_table:
+            raise GatewayConfigError(f"model_aliases.{alias}: points at another alias ({target!r}); name the model")
+    for i, rule in enumerate(routes):
+        if rule.upstream and rule.upstream not in by_name:
+            raise GatewayConfigError(f"routes[{i}].upstream: no upstream named {rule.upstream!r}")
+    default = tables.get("default_upstream", specs[0].name)
+    if default != NO_DEFAULT and default not in by_name:
+        raise GatewayConfigError(f'default_upstream: no upstream named {default!r} (or "none")')
+    return GatewayConfig(
+        upstreams=tuple(specs),
+        models=models,
+        aliases=tuple(aliases_table.items()),
+        routes=tuple(r for r in routes if r.upstream),
+        default_upstream=None if default == NO_DEFAULT else default,
+        upstream_names=tuple(by_name),
+    )

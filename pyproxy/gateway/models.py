@@ -1,0 +1,194 @@
+"""The model table: which deployments serve a request. Pure: no I/O, no clock.
+
+``GatewayRoutes.by_head`` decides from the method and path alone: a
+``[[routes]]`` entry's upstream, the model table (the body is needed), pyproxy's
+own ``GET /v1/models`` answer, the default upstream, or 404. ``by_model``
+finishes a model-routed request once its JSON body is parsed.
+"""
+
+from __future__ import annotations
+
+import re
+from fnmatch import fnmatchcase
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from pyproxy._compat import json_dumps
+from pyproxy.errors import BadRequest, ProxyError
+from pyproxy.gateway.config import Deployment, GatewayConfig, ModelSpec
+from pyproxy.rules import find_rule
+
+# What a request goes to once its head is read.
+TO_UPSTREAM = "upstream"  # one named upstream (a [[routes]] entry or the default)
+BY_MODEL = "model"  # the body's "model" decides: read and parse the body first
+MODEL_LIST = "model_list"  # pyproxy answers GET /v1/models itself
+NO_ROUTE = "none"  # default_upstream = "none" and nothing matched: 404
+
+_MODEL_ROUTED_PREFIX = b"/v1/"
+_MODELS_PATH = b"/v1/models"
+
+
+class ModelNotFound(ProxyError):
+    """OpenAI's answer for a model nobody serves: 404, code model_not_found."""
+
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class RouteNotFound(ProxyError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class Target:
+    """Where one request goes: the candidate deployments and the model to send."""
+
+    __slots__ = ("deployments", "public_model", "requested", "spec")
+
+    def __init__(
+        self,
+        deployments: Tuple[Deployment, ...],
+        public_model: Optional[str],
+        spec: Optional[ModelSpec],
+        requested: Optional[str] = None,
+    ):
+        self.deployments = deployments
+        self.public_model = public_model  # after aliases; None: not model-routed
+        self.requested = requested  # the "model" the client sent
+        self.spec = spec  # the model entry (retry_on, max_attempts); None: defaults
+
+    def model_for(self, deployment: Deployment) -> Optional[str]:
+        """The model name to write into the body for this deployment, or None: the body
+        goes as the client sent it."""
+        model = deployment.model or self.public_model
+        return model if model is not None and model != self.requested else None
+
+
+class GatewayRoutes:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.aliases: Dict[str, str] = dict(config.aliases)
+        self.exact: Dict[str, ModelSpec] = {m.name: m for m in config.models if not m.is_glob}
+        self.globs: List[ModelSpec] = [m for m in config.models if m.is_glob]
+        self.model_routing = bool(config.models)
+        self._upstream_targets: Dict[str, Target] = {
+            spec.name: Target((Deployment(spec.name),), None, None) for spec in config.upstreams
+        }
+        self._models_body = model_list_body(config)
+
+    def by_head(self, method: bytes, path: bytes) -> Tuple[str, Optional[Target]]:
+        rule = find_rule(self.config.routes, method, path) if self.config.routes else None
+        if rule is not None:
+            return TO_UPSTREAM, self._upstream_targets[rule.upstream]
+        if self.model_routing:
+            if method == b"POST" and path.startswith(_MODEL_ROUTED_PREFIX):
+                return BY_MODEL, None
+            if path == _MODELS_PATH and method in (b"GET", b"HEAD"):
+                return MODEL_LIST, None
+        default = self.config.default_upstream
+        if default is None:
+            return NO_ROUTE, None
+        return TO_UPSTREAM, self._upstream_targets[default]
+
+    def upstream_target(self, name: str) -> Target:
+        return self._upstream_targets[name]
+
+    def resolve(self, name: str) -> Optional[Tuple[str, ModelSpec]]:
+        """The public model name (after aliases) and its entry; exact names before globs."""
+        public = self.aliases.get(name, name)
+        spec = self.exact.get(public)
+        if spec is None:
+            for candidate in self.globs:
+                if fnmatchcase(public, candidate.name):
+                    spec = candidate
+                    break
+        return (public, spec) if spec is not None else None
+
+    def by_model(self, parsed: Any) -> Target:
+        """The target of a model-routed request, from its parsed JSON body."""
+        if not isinstance(parsed, dict):
+            raise BadRequest('the request body must be a JSON object with a "model" field')
+        model = parsed.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest('the request body has no "model" field (a string)')
+        found = self.resolve(model)
+        if found is None:
+            raise ModelNotFound(f"The model '{model[:200]}' does not exist or you do not have access to it.")
+        public, spec = found
+        return Target(spec.deployments, public, spec, model)
+
+    @property
+    def models_body(self) -> bytes:
+        return self._models_body
+
+
+def model_list_body(config: GatewayConfig) -> bytes:
+    """OpenAI's GET /v1/models shape: the public names (aliases included, globs not:
+    a pattern is not a model a client can name)."""
+    names: List[str] = [m.name for m in config.models if not m.is_glob]
+    names += [alias for alias, _ in config.aliases if alias not in names]
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "pyproxy"} for name in names]
+    return json_dumps({"object": "list", "data": data})
+
+
+# A JSON string token, or a structural character: enough to walk the top level
+# of an object without parsing the values (strings may hold any of {}[]:,).
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]', re.S)
+
+
+def model_value_span(body: bytes) -> Optional[Tuple[int, int]]:
+    """Where the top-level "model" string value sits in a JSON object body: (start, end)
+    of the token with its quotes. The body is known to parse (the router parsed it)."""
+    depth = 0
+    expect_key = False
+    key_is_model = False
+    after_colon = False
+    for match in _TOKENS.finditer(body):
+        token = match.group()
+        first = token[:1]
+        if first == b"{" or first == b"[":
+            depth += 1
+            expect_key = depth == 1 and first == b"{"
+            after_colon = False
+        elif first == b"}" or first == b"]":
+            depth -= 1
+        elif depth != 1:
+            continue
+        elif first == b",":
+            expect_key = True
+        elif first == b":":
+            after_colon = True
+        elif first == b'"':
+            if expect_key:
+                key_is_model = token == b'"model"' or (b"\\" in token and _unescape(token) == "model")
+                expect_key = False
+                after_colon = False
+            elif after_colon:
+                after_colon = False
+                if key_is_model:
+                    return match.start(), match.end()
+    return None
+
+
+def _unescape(token: bytes) -> str:
+    from pyproxy._compat import json_loads
+
+    try:
+        value = json_loads(token)
+    except ValueError:
+        return ""
+    return value if isinstance(value, str) else ""
+
+
+def rewrite_model(body: bytes, model: str) -> bytes:
+    """The body with only its top-level "model" value replaced; every other byte the same."""
+    span = model_value_span(body)
+    if span is None:  # pragma: no cover - the router found the field, so the scan does
+        raise BadRequest('the request body has no "model" field (a string)')
+    start, end = span
+    return b"".join((body[:start], json_dumps(model), body[end:]))
+
+
+def rewrite_chunks(chunks: Sequence[bytes], model: str) -> List[bytes]:
+    return [rewrite_model(b"".join(chunks), model)]
