@@ -107,9 +107,9 @@ class Service:
         try:
             wait_port(port)
         except RuntimeError:
-            self.stop()
             self.log.seek(0)
             err = self.log.read().decode(errors="replace")
+            self.stop()
             raise RuntimeError(f"{name} did not start: {err[-2000:]}") from None
 
     @property
@@ -237,6 +237,8 @@ def wrk(url: str, connections: int, duration: float, script: Optional[Path] = No
             result["rps"] = float(line.split()[1])
         elif line.startswith("Transfer/sec:"):
             result["bytes_per_s"] = _bytes(line.split()[1])
+        elif re.match(r"^Latency\s+[\d.]+(us|ms|s|m)\s", line):
+            result["mean"] = _seconds(line.split()[1])
         elif re.match(r"^(50|99)%", line):
             pct, value = line.split()
             result["p" + pct.rstrip("%")] = _seconds(value)

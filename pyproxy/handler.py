@@ -37,7 +37,7 @@ from pyproxy.errors import (
     UpstreamError,
 )
 from pyproxy.gateway.models import BY_MODEL, MODEL_LIST, NO_ROUTE, RouteNotFound, Target
-from pyproxy.gateway.relay import Gateway, RoutedRequest
+from pyproxy.gateway.relay import Gateway, RoutedRequest, Run
 from pyproxy.http.fastpath import serialize_request_head
 from pyproxy.http.headers import RequestFraming, client_response_headers, to_origin_form, upstream_request_headers
 from pyproxy.http.messages import RequestHead, ResponseHead
@@ -331,7 +331,7 @@ class Handler:
         """Send a request whose body is complete (or whose rest a task will pump): on an
         idle connection without a task when there is one, else through a task."""
         if type(outbound) is RoutedRequest:
-            sink.task = sink.loop.create_task(self.gateway.run(self, sink, outbound, body, sent))  # type: ignore
+            self.gateway.dispatch(self, sink, outbound, body, sent)  # type: ignore[union-attr]
             return
         if body.complete:
             conn = self.pool.take_idle()
@@ -693,7 +693,7 @@ class Handler:
     async def _send(self, sink: "Sink", outbound: "AnyOutbound", body: RequestBody, sent: List[bytes]) -> None:
         """Relay a request from a task that already runs (no new task)."""
         if type(outbound) is RoutedRequest:
-            await self.gateway.run(self, sink, outbound, body, sent)  # type: ignore[union-attr]
+            await self.gateway.run(self, sink, Run(outbound, sent), body)  # type: ignore[union-attr]
         else:
             await self._run(sink, outbound, body, sent, retries=0)  # type: ignore[arg-type]
 
@@ -711,9 +711,9 @@ class Handler:
             answer_health(client)
             return
         try:
-            path = request_path(to_origin_form(request.target))
-            kind, target = gateway.routes.by_head(method, path)
+            kind, target = gateway.routes.by_head(method, request.target)
             if kind is NO_ROUTE:
+                path = request_path(to_origin_form(request.target))
                 raise RouteNotFound(f"no upstream serves {path[:200].decode('latin-1')}")
             plan = self.router.plan(request, framing.has_body) if self.router.active else None
         except ProxyError as exc:
@@ -722,10 +722,35 @@ class Handler:
         if kind is MODEL_LIST:
             answer_models(client, gateway.routes.models_body)
             return
-        if kind is BY_MODEL or not body.complete or body.error is not None:
+        if not body.complete or body.error is not None:
             client.task = client.loop.create_task(self._gateway_task(client, request, body, framing, target, plan))
             return
-        self._gateway_go(client, request, framing, body, target, plan, body.take_buffered(), None, UNPARSED)
+        chunks = body.take_buffered()
+        if kind is not BY_MODEL:
+            self._gateway_go(client, request, framing, body, target, plan, chunks, None, UNPARSED)
+            return
+        # The body came with the head (most chat requests): routed without a task.
+        whole = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        try:
+            target, parsed = self._by_model(whole, plan)
+        except ProxyError as exc:
+            client.send_error(exc)
+            return
+        self._gateway_go(client, request, framing, body, target, plan, [whole], whole, parsed)
+
+    def _by_model(self, whole: bytes, plan: Optional[Plan]) -> Tuple[Target, Any]:
+        """The target of a model-routed body, and the parse the cache key reuses."""
+        limit = self.route_body_bytes
+        if len(whole) > limit:
+            raise BodyTooLarge(f"a request routed by model may have at most {limit} body bytes")
+        ok, value = parse_json_body(whole)
+        if not ok:
+            raise BadRequest("the request body is not valid JSON")
+        target = self.gateway.routes.by_model(value)  # type: ignore[union-attr]
+        if plan is None:
+            return target, UNPARSED
+        # Cache and coalescing keys name the public model, not the alias.
+        return target, (True, dict(value, model=target.public_model))
 
     async def _gateway_task(
         self,
@@ -755,12 +780,7 @@ class Handler:
                         raise BodyTooLarge(f"a request routed by model may have at most {limit} body bytes")
                 whole = b"".join(chunks)
                 chunks = [whole]
-                ok, value = parse_json_body(whole)
-                if not ok:
-                    raise BadRequest("the request body is not valid JSON")
-                target = gateway.routes.by_model(value)
-                # Cache and coalescing keys name the public model, not the alias.
-                parsed = (True, dict(value, model=target.public_model))
+                target, parsed = self._by_model(whole, plan)
             elif not body.started:
                 await body.wait_started()
             elif body.error is not None:
@@ -774,7 +794,7 @@ class Handler:
             # Streamed through: a body already complete goes out with the head.
             chunks = body.take_buffered() if body.complete else []
             routed = self.routed_request(client, request, framing, self.assign_request_id(client, request), target)
-            await gateway.run(self, client, routed, body, chunks)
+            await gateway.run(self, client, Run(routed, chunks), body)
             return
         self._gateway_go(client, request, framing, body, target, plan, chunks, whole, parsed)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Collection, Mapping, Optional, Sequence, Tuple
+from typing import Collection, List, Mapping, Optional, Sequence, Tuple
 
 from pyproxy.gateway.config import Deployment
 from pyproxy.gateway.state import UpstreamState
@@ -38,27 +38,52 @@ def cost(state: UpstreamState, weight: float) -> float:
     return max(state.ewma, DEFAULT_RTT) * (state.in_flight + 1) / weight
 
 
-class Choice:
-    __slots__ = ("deployment", "retry_after")
-
-    def __init__(self, deployment: Optional[Deployment], retry_after: float) -> None:
-        self.deployment = deployment  # None: nothing available
-        self.retry_after = retry_after  # seconds until the soonest recovery, when None
-
-
 def choose(
     deployments: Sequence[Deployment],
     states: Mapping[str, UpstreamState],
     now: float,
     rng: random.Random,
     tried: Collection[str] = (),
-) -> Choice:
-    """Decide which deployment gets the next attempt.
+) -> Optional[Deployment]:
+    """Decide which deployment gets the next attempt (None: nothing is available; see
+    ``soonest_recovery``).
 
     Dropped: deployments already tried for this request, ejected, cooling down after
     a 429, at their connection bound. Of the rest, the lowest priority tier; in it,
-    two picked at random in proportion to weight, and the cheaper of the two."""
-    available = []
+    two picked at random in proportion to weight, and the cheaper of the two. Written
+    for the hot path: one pass, one small list, no allocation when one is left."""
+    tier = -1
+    candidates: List[Deployment] = []
+    for dep in deployments:
+        if tried and dep.upstream in tried:
+            continue
+        state = states[dep.upstream]
+        if state.ejected_until > now or state.cooling_until > now or state.in_flight >= state.max_connections:
+            continue
+        if tier < 0 or dep.priority < tier:
+            tier = dep.priority
+            candidates = [dep]
+        elif dep.priority == tier:
+            candidates.append(dep)
+    count = len(candidates)
+    if count < 2:
+        return candidates[0] if count else None
+    if count == 2:
+        first, second = candidates  # the two choices are these two
+    else:
+        first, second = _two_by_weight(candidates, rng)
+    a, b = states[first.upstream], states[second.upstream]
+    cost_a, cost_b = cost(a, first.weight), cost(b, second.weight)
+    if cost_a == cost_b and count == 2:
+        # Equal loads: by weight, as a draw of two from two would be.
+        return first if rng.random() * (first.weight + second.weight) < first.weight else second
+    return first if cost_a <= cost_b else second
+
+
+def soonest_recovery(
+    deployments: Sequence[Deployment], states: Mapping[str, UpstreamState], now: float, tried: Collection[str] = ()
+) -> float:
+    """Seconds until a deployment ``choose`` dropped may be chosen again (Retry-After)."""
     soonest = math.inf
     for dep in deployments:
         if dep.upstream in tried:
@@ -66,35 +91,29 @@ def choose(
         state = states[dep.upstream]
         if state.ejected(now) or state.cooling(now):
             soonest = min(soonest, max(state.ejected_until, state.cooling_until) - now)
-            continue
-        if state.full():
+        elif state.full():
             soonest = min(soonest, 1.0)
-            continue
-        available.append(dep)
-    if not available:
-        return Choice(None, soonest if soonest != math.inf else 1.0)
-    tier = min(dep.priority for dep in available)
-    candidates = [dep for dep in available if dep.priority == tier]
-    if len(candidates) == 1:
-        return Choice(candidates[0], 0.0)
-    first, second = _two_by_weight(candidates, rng)
-    a, b = states[first.upstream], states[second.upstream]
-    return Choice(first if cost(a, first.weight) <= cost(b, second.weight) else second, 0.0)
+    return soonest if soonest != math.inf else 1.0
 
 
 def _two_by_weight(candidates: Sequence[Deployment], rng: random.Random) -> Tuple[Deployment, Deployment]:
     """Two distinct deployments, each drawn with probability in proportion to its weight."""
-    total = sum(dep.weight for dep in candidates)
-    first = _draw(candidates, total, rng)
-    rest = [dep for dep in candidates if dep is not first]
-    second = _draw(rest, total - first.weight, rng)
+    total = 0.0
+    for dep in candidates:
+        total += dep.weight
+    first = _draw(candidates, total, rng, None)
+    second = _draw(candidates, total - first.weight, rng, first)
     return first, second
 
 
-def _draw(candidates: Sequence[Deployment], total: float, rng: random.Random) -> Deployment:
+def _draw(candidates: Sequence[Deployment], total: float, rng: random.Random, skip: Optional[Deployment]) -> Deployment:
     point = rng.random() * total
+    last = candidates[0]
     for dep in candidates:
+        if dep is skip:
+            continue
+        last = dep
         point -= dep.weight
         if point < 0:
             return dep
-    return candidates[-1]
+    return last

@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from pyproxy._compat import json_dumps
 from pyproxy.errors import BadRequest, ProxyError
 from pyproxy.gateway.config import Deployment, GatewayConfig, ModelSpec
-from pyproxy.rules import find_rule
+from pyproxy.http.headers import to_origin_form
+from pyproxy.rules import find_rule, request_path
 
 # What a request goes to once its head is read.
 TO_UPSTREAM = "upstream"  # one named upstream (a [[routes]] entry or the default)
@@ -24,6 +25,7 @@ MODEL_LIST = "model_list"  # pyproxy answers GET /v1/models itself
 NO_ROUTE = "none"  # default_upstream = "none" and nothing matched: 404
 
 _MODEL_ROUTED_PREFIX = b"/v1/"
+MEMO_SIZE = 4096
 _MODELS_PATH = b"/v1/models"
 
 
@@ -76,8 +78,24 @@ class GatewayRoutes:
             spec.name: Target((Deployment(spec.name),), None, None) for spec in config.upstreams
         }
         self._models_body = model_list_body(config)
+        # Memos: clients repeat the same few paths and model names. Bounded: a flood of
+        # distinct ones only costs the lookups.
+        self._heads: Dict[Tuple[bytes, bytes], Tuple[str, Optional[Target]]] = {}
+        self._targets: Dict[str, Target] = {}
 
-    def by_head(self, method: bytes, path: bytes) -> Tuple[str, Optional[Target]]:
+    def by_head(self, method: bytes, raw_target: bytes) -> Tuple[str, Optional[Target]]:
+        """Where a request goes, from its method and request-target (as sent). Raises
+        BadRequest for a target no upstream request can be made of."""
+        key = (method, raw_target)
+        found = self._heads.get(key)
+        if found is None:
+            path = request_path(to_origin_form(raw_target))
+            if len(self._heads) >= MEMO_SIZE:
+                self._heads.clear()
+            found = self._heads[key] = self._by_head(method, path)
+        return found
+
+    def _by_head(self, method: bytes, path: bytes) -> Tuple[str, Optional[Target]]:
         rule = find_rule(self.config.routes, method, path) if self.config.routes else None
         if rule is not None:
             return TO_UPSTREAM, self._upstream_targets[rule.upstream]
@@ -116,7 +134,11 @@ class GatewayRoutes:
         if found is None:
             raise ModelNotFound(f"The model '{model[:200]}' does not exist or you do not have access to it.")
         public, spec = found
-        return Target(spec.deployments, public, spec, model)
+        target = Target(spec.deployments, public, spec, model)
+        if len(self._targets) >= MEMO_SIZE:
+            self._targets.clear()
+        self._targets[model] = target  # a Target is never changed once made
+        return target
 
     @property
     def models_body(self) -> bytes:

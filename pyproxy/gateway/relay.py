@@ -27,11 +27,10 @@ from pyproxy.errors import (
     UpstreamTimeout,
 )
 from pyproxy.gateway import outlier
-from pyproxy.gateway.balancer import choose, observe_latency
+from pyproxy.gateway.balancer import choose, observe_latency, soonest_recovery
 from pyproxy.gateway.config import DEFAULT_MAX_ATTEMPTS, Deployment, GatewayConfig, UpstreamSpec
 from pyproxy.gateway.models import GatewayRoutes, Target, rewrite_model
 from pyproxy.gateway.state import UpstreamState
-from pyproxy.http.fastpath import serialize_request_head
 from pyproxy.http.headers import client_response_headers
 from pyproxy.http.messages import ResponseHead
 from pyproxy.server.protocol import ClientGone
@@ -54,6 +53,9 @@ MAX_STALE_RETRIES = 3
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
+_STATUS_LABELS = {status: str(status) for status in range(100, 600)}
+
+
 class RetryableStatus(UpstreamError):
     """The upstream answered with a status another deployment may do better with;
     the response was discarded (decided before: see GatewayExchange.on_response)."""
@@ -69,7 +71,18 @@ class RoutedRequest:
     """A request as the gateway sends it: everything but what depends on the upstream
     (host, path prefix, credential, the deployment's model name, framing)."""
 
-    __slots__ = ("method", "target", "headers", "chunked", "route", "whole", "_bodies", "content_length")
+    __slots__ = (
+        "method",
+        "target",
+        "headers",
+        "chunked",
+        "route",
+        "whole",
+        "_bodies",
+        "content_length",
+        "_fields",
+        "_fields_without_credentials",
+    )
 
     def __init__(
         self,
@@ -89,6 +102,8 @@ class RoutedRequest:
         self.route = route
         self.whole = whole  # the whole body when it was read to route by model, else None
         self._bodies: Dict[str, bytes] = {}
+        self._fields: Optional[bytes] = None
+        self._fields_without_credentials: Optional[bytes] = None
 
     def body_for(self, deployment: Deployment) -> Optional[bytes]:
         """The body for this deployment: the model renamed when it must be, else as sent."""
@@ -103,28 +118,74 @@ class RoutedRequest:
             body = self._bodies[model] = rewrite_model(whole, model)
         return body
 
-    def head_for(self, spec: UpstreamSpec, body: Optional[bytes]) -> Tuple[bytes, bool]:
-        """The request head for one upstream, and whether its body goes chunked."""
-        upstream = spec.upstream
-        credential = spec.credential_header()
-        headers: List[Header] = [(b"host", upstream.host_header)]
-        if credential is None:
-            headers += self.headers
+    def head_for(self, upstream: "UpstreamHead", body: Optional[bytes]) -> Tuple[bytes, bool]:
+        """The request head for one upstream, and whether its body goes chunked. The
+        client's fields are serialized once per request (twice at most: with and
+        without its credentials), the upstream's own lines once per process."""
+        if upstream.credential is None:
+            fields = self._fields
+            if fields is None:
+                fields = self._fields = _serialize_fields(self.headers)
         else:
-            headers += [h for h in self.headers if h[0] not in CREDENTIAL_HEADERS]
-            headers.append(credential)
+            fields = self._fields_without_credentials
+            if fields is None:
+                fields = self._fields_without_credentials = _serialize_fields(
+                    [h for h in self.headers if h[0] not in CREDENTIAL_HEADERS]
+                )
         chunked = False
         if body is not None:
-            headers.append((b"content-length", b"%d" % len(body)))
+            framing = b"content-length: %d\r\n" % len(body)
         elif self.chunked:
-            headers.append((b"transfer-encoding", b"chunked"))
+            framing = b"transfer-encoding: chunked\r\n"
             chunked = True
         elif self.content_length is not None:
-            headers.append((b"content-length", b"%d" % self.content_length))
+            framing = b"content-length: %d\r\n" % self.content_length
+        else:
+            framing = b""
         target = self.target
         if upstream.prefix:
             target = upstream.prefix + (target if target != b"*" else b"/")
-        return serialize_request_head(self.method, target, headers), chunked
+        head = b"".join(
+            (self.method, b" ", target, b" HTTP/1.1\r\n", upstream.host_line, fields, upstream.credential_line,
+             framing, b"\r\n")
+        )  # fmt: skip
+        return head, chunked
+
+
+def _serialize_fields(headers: List[Header]) -> bytes:
+    return b"".join([b"%s: %s\r\n" % field for field in headers])
+
+
+class UpstreamHead:
+    """What every request head to one upstream carries: computed once."""
+
+    __slots__ = ("name", "host_line", "credential", "credential_line", "prefix")
+
+    def __init__(self, spec: UpstreamSpec) -> None:
+        self.name = spec.name.encode("ascii")  # x-pyproxy-upstream
+        self.host_line = b"host: %s\r\n" % spec.upstream.host_header
+        self.credential = spec.credential_header()
+        self.credential_line = b"%s: %s\r\n" % self.credential if self.credential is not None else b""
+        self.prefix = spec.upstream.prefix
+
+
+class Run:
+    """One request's way through its attempts."""
+
+    __slots__ = ("request", "sent", "replay", "tried", "last_error", "attempts", "stale", "fresh", "is_retry")
+
+    def __init__(self, request: RoutedRequest, sent: Optional[List[bytes]]) -> None:
+        self.request = request
+        self.sent = sent  # body chunks to write with the head
+        # Body chunks written, kept for a retry while they fit the retry buffer (a body
+        # read whole to route by model is kept as it is).
+        self.replay: Optional[List[bytes]] = list(sent or ()) if request.whole is None else None
+        self.tried: List[str] = []  # upstreams that failed this request
+        self.last_error: Optional[ProxyError] = None
+        self.attempts = 0
+        self.stale = 0  # fresh-connection retries after the keep-alive race
+        self.fresh = False
+        self.is_retry = False  # counted in the gateway's retries in flight
 
 
 class Attempt:
@@ -150,40 +211,67 @@ def _exchange_class() -> Any:
     class GatewayExchange(Exchange):
         """An exchange that may discard a retryable response instead of relaying it."""
 
-        __slots__ = ("attempt",)
+        __slots__ = ("attempt", "run")
 
         def on_response(self, head: ResponseHead) -> None:
             attempt: Attempt = self.attempt
             gateway = attempt.gateway
             ttfb = perf_counter() - self.sent_at
-            if gateway.retry_on_response(attempt, head, ttfb):
+            if head.status >= 400 and gateway.retry_on_response(attempt, head, ttfb):
                 self.finished = True
                 self.conn.detach()  # the rest of that response is not wanted
                 done = self.done
-                if done is not None and not done.done():
+                if done is None:
+                    gateway.taskless_failed(self, RetryableStatus(head.status))
+                elif not done.done():
                     done.set_exception(RetryableStatus(head.status))
                 return
+            if head.status < 400:  # the common case, recorded here (see retry_on_response)
+                state = attempt.state
+                observe_latency(state, ttfb, gateway.loop.time())
+                state.failures = 0
+                label = _STATUS_LABELS.get(head.status) or str(head.status)
+                state.requests[label] = state.requests.get(label, 0) + 1
+                state.attempts["success"] = state.attempts.get("success", 0) + 1
             self.response_started = True
             client = self.client
             client.upstream_ttfb = ttfb
             headers = client_response_headers(head.headers)
             if gateway.upstream_headers:
                 last = headers.pop() if headers and headers[-1][0] == b"content-length" else None
-                headers.append((b"x-pyproxy-upstream", attempt.deployment.upstream.encode("ascii")))
+                headers.append((b"x-pyproxy-upstream", gateway.heads[attempt.deployment.upstream].name))
                 headers.append((b"x-pyproxy-attempts", b"%d" % attempt.number))
                 if last is not None:
                     headers.append(last)  # by contract the last header (see client_response_headers)
-            note = getattr(client, "note_upstream", None)
-            if note is not None:
-                note(attempt.deployment.upstream, attempt.number)
+            client.note_upstream(attempt.deployment.upstream, attempt.number)
             client.start_response(head.status, head.reason, headers)
             if client._write_paused:
                 self.conn.pause_reading()
 
+        def on_end(self) -> None:
+            super().on_end()
+            if self.done is None:
+                self.attempt.gateway.taskless_settled(self)
+
         def on_error(self, exc: ProxyError) -> None:
-            if self.response_started and not isinstance(exc, ClientStalled):
-                self.attempt.gateway.failed(self.attempt.state, "truncated: " + exc.message)
-            super().on_error(exc)
+            gateway = self.attempt.gateway
+            if self.response_started:
+                if not isinstance(exc, ClientStalled):
+                    gateway.failed(self.attempt.state, "truncated: " + exc.message)
+                super().on_error(exc)
+                if self.done is None:
+                    gateway.taskless_settled(self)
+            elif self.done is None:
+                self.finished = True
+                gateway.taskless_failed(self, exc)
+            else:
+                super().on_error(exc)
+
+        def client_gone(self) -> None:
+            was_finished = self.finished
+            super().client_gone()
+            if self.done is None and not was_finished:
+                self.attempt.gateway.taskless_settled(self)
 
     return GatewayExchange
 
@@ -196,6 +284,7 @@ class Gateway:
         self.loop = loop
         self.routes = GatewayRoutes(config)
         self.specs: Dict[str, UpstreamSpec] = {spec.name: spec for spec in config.upstreams}
+        self.heads: Dict[str, UpstreamHead] = {spec.name: UpstreamHead(spec) for spec in config.upstreams}
         self.pools: Dict[str, ConnectionPool] = {}
         self.states: Dict[str, UpstreamState] = {}
         for spec in config.upstreams:
@@ -218,8 +307,9 @@ class Gateway:
     # --- deciding, with the pure functions -----------------------------------------------
 
     def retry_on_response(self, attempt: Attempt, head: ResponseHead, ttfb: float) -> bool:
-        """A response head arrived: record it, and say whether it is discarded for a
-        retry elsewhere (decided now, while nothing has reached the client)."""
+        """A response head of status >= 400 arrived (the exchange records the others
+        itself): record it, and say whether it is discarded for a retry elsewhere
+        (decided now, while nothing has reached the client)."""
         state = attempt.state
         now = self.loop.time()
         status = head.status
@@ -259,7 +349,7 @@ class Gateway:
             return False
         # Another deployment must be there to take it: else the answer we have is relayed.
         tried = attempt.tried + [attempt.deployment.upstream]
-        return choose(request.route.deployments, self.states, self.loop.time(), self.rng, tried).deployment is not None
+        return choose(request.route.deployments, self.states, self.loop.time(), self.rng, tried) is not None
 
     def _replayable(self, request: RoutedRequest) -> bool:
         return request.whole is not None and len(request.whole) <= self.retry_buffer_bytes
@@ -276,145 +366,223 @@ class Gateway:
 
     # --- acting ------------------------------------------------------------------------
 
-    async def run(
-        self, handler: "Handler", sink: Any, request: RoutedRequest, body: "RequestBody", sent: Optional[List[bytes]]
+    def dispatch(
+        self, handler: "Handler", sink: Any, request: RoutedRequest, body: "RequestBody", sent: List[bytes]
     ) -> None:
-        attempts: List[int] = [0]
+        """Send a request: when its body is complete and the chosen deployment has an
+        idle connection, without a task (as the one-upstream relay does); else, or on a
+        failure to go again, through one task per request."""
+        run = Run(request, sent)
+        if body.complete and self._start_taskless(handler, sink, run, body):
+            return
+        sink.task = sink.loop.create_task(self.run(handler, sink, run, body))
+
+    def _start_taskless(self, handler: "Handler", sink: Any, run: "Run", body: "RequestBody") -> bool:
+        request = run.request
+        deployment = choose(request.route.deployments, self.states, self.loop.time(), self.rng)
+        if deployment is None:
+            return False
+        conn = self.pools[deployment.upstream].take_idle()
+        if conn is None:
+            return False
+        attempt = self._begin(run, deployment)
+        exchange = self._exchange(sink, conn, body, handler, None, run.sent, with_future=False)
+        exchange.attempt = attempt
+        exchange.run = run
+        sink.exchange = exchange
+        whole = request.body_for(deployment)
+        head, chunked = request.head_for(self.heads[deployment.upstream], whole)
         try:
-            await self._attempts(handler, sink, request, body, sent, attempts)
+            conn.start_exchange(
+                exchange, request.method, head, chunked, [whole] if whole is not None else run.sent, end=True
+            )
+        except UpstreamDisconnected:
+            exchange.finished = True  # gone before use: nothing was sent; the task path goes on
+            conn.detach()
+            sink.exchange = None
+            self._end(run, attempt)
+            run.attempts -= 1
+            return False
+        return True
+
+    def taskless_failed(self, exchange: Any, exc: ProxyError) -> None:
+        """A taskless exchange failed before any response byte reached the client: judge
+        it as the attempt loop does, and go on in a task, or answer."""
+        run: Run = exchange.run
+        attempt: Attempt = exchange.attempt
+        sink = exchange.client
+        sink.exchange = None
+        self._end(run, attempt)
+        handler = exchange.handler
+        if self._judge(run, attempt, exc, False, exchange.body, self.pools[attempt.deployment.upstream]):
+            sink.task = sink.loop.create_task(self.run(handler, sink, run, exchange.body))
+            return
+        self._answer_error(handler, sink, run, exc)
+
+    def taskless_settled(self, exchange: Any) -> None:
+        """A taskless exchange ended (response relayed, truncated, or its client left)."""
+        self._end(exchange.run, exchange.attempt)
+
+    async def run(self, handler: "Handler", sink: Any, run: "Run", body: "RequestBody") -> None:
+        try:
+            await self._attempts(handler, sink, run, body)
         except (asyncio.CancelledError, ClientGone):
             pass
         except ProxyError as exc:
-            if attempts[0]:
-                exc.added_headers = [(b"x-pyproxy-attempts", b"%d" % attempts[0])] if self.upstream_headers else []
-            handler.log_failure(request.method, request.target, exc)
-            sink.send_error(exc)
+            self._answer_error(handler, sink, run, exc)
         except Exception:  # pragma: no cover - a bug; the client still gets an answer
             log.exception("unexpected error while proxying")
             sink.send_error(ProxyError("internal proxy error"))
-
-    async def _attempts(
-        self,
-        handler: "Handler",
-        sink: Any,
-        request: RoutedRequest,
-        body: "RequestBody",
-        sent: Optional[List[bytes]],
-        counter: List[int],
-    ) -> None:
-        route = request.route
-        tried: List[str] = []
-        last_error: Optional[ProxyError] = None
-        stale = 0
-        fresh = False
-        is_retry = False
-        # Body chunks written, kept for a retry while they fit the retry buffer (a body
-        # read whole to route by model is kept as it is).
-        replay: Optional[List[bytes]] = list(sent or ()) if request.whole is None else None
-        self.requests_in_flight += 1
-        try:
-            while True:
-                now = self.loop.time()
-                choice = choose(route.deployments, self.states, now, self.rng, tried)
-                if choice.deployment is None:
-                    if last_error is not None:
-                        raise last_error
-                    raise NoUpstreamAvailable(
-                        "no upstream is available for this request (all ejected, cooling down or busy)",
-                        retry_after=max(1, int(choice.retry_after + 0.999)),
-                    )
-                deployment = choice.deployment
-                counter[0] += 1
-                attempt = Attempt(self, request, deployment, counter[0], tried)
-                state = attempt.state
-                pool = self.pools[deployment.upstream]
-                state.in_flight += 1
-                try:
-                    try:
-                        conn = await pool.acquire(fresh=fresh)
-                    except UpstreamError as exc:  # connect refused or timed out, or the pool was full
-                        state.count(state.attempts, "connect_error")
-                        if not isinstance(exc, PoolTimeout):  # a full pool is not a failure
-                            self.failed(state, exc.message)
-                        last_error = exc
-                        if not self._may_retry(attempt, written=False):
-                            raise
-                        tried.append(deployment.upstream)
-                        fresh = False
-                        if not is_retry:
-                            is_retry = True
-                            self.retries_in_flight += 1
-                        continue
-                    if sink.gone or body.error is not None:
-                        pool.release(conn)
-                        if body.error is not None and not sink.gone:
-                            raise body.error
-                        return
-                    whole = request.body_for(deployment)
-                    head, chunked = request.head_for(self.specs[deployment.upstream], whole)
-                    exchange = self._exchange(sink, conn, body, handler, None, None, with_future=True)
-                    exchange.attempt = attempt
-                    sink.exchange = exchange
-                    try:
-                        if whole is not None:
-                            conn.start_exchange(exchange, request.method, head, False, [whole], end=True)
-                        else:
-                            chunks = list(sent or ())
-                            if body.complete:
-                                rest = body.take_buffered()
-                                if rest:
-                                    chunks += rest
-                                    sent = chunks
-                                    if replay is not None:
-                                        replay.extend(rest)
-                                conn.start_exchange(exchange, request.method, head, chunked, chunks, end=True)
-                            else:
-                                conn.start_exchange(exchange, request.method, head, chunked, chunks)
-                                await self._pump_body(conn, exchange, body, replay)
-                                if replay is not None and body.received > self.retry_buffer_bytes:
-                                    replay = None
-                        await exchange.done
-                        return
-                    except BaseException as exc:
-                        if not exchange.finished:
-                            exchange.finished = True
-                            conn.detach()
-                        kind = self._failure_kind(exc, exchange.response_started, request, body, replay)
-                        if kind is None:  # not a failure another attempt could mend
-                            if isinstance(exc, UpstreamError) and not exchange.response_started:
-                                self.failed(state, exc.message)
-                                state.count(state.attempts, "failure")
-                            raise
-                        last_error = exc  # type: ignore[assignment]
-                        if kind == outlier.UNSENT and stale < MAX_STALE_RETRIES:
-                            # The keep-alive race: the same upstream again, on a fresh connection;
-                            # nobody's failure, and not another of the gateway's attempts.
-                            stale += 1
-                            pool.stats.stale_retries += 1
-                            state.count(state.attempts, "stale")
-                            fresh = True
-                            counter[0] -= 1
-                            if getattr(exc, "request_sent", False):
-                                sent = replay
-                            continue
-                        if kind != outlier.STATUS:  # a status was judged as it arrived
-                            self.failed(state, str(exc))
-                            state.count(state.attempts, kind)
-                            if not self._retry_after_failure(attempt, kind, request, body, replay):
-                                raise
-                            if request.whole is None:
-                                sent = replay  # what was written, to write again
-                        tried.append(deployment.upstream)
-                        fresh = False
-                        if not is_retry:
-                            is_retry = True
-                            self.retries_in_flight += 1
-                finally:
-                    state.in_flight -= 1
         finally:
-            self.requests_in_flight -= 1
-            if is_retry:
+            if run.is_retry:
                 self.retries_in_flight -= 1
+                run.is_retry = False
+
+    def _answer_error(self, handler: "Handler", sink: Any, run: "Run", exc: ProxyError) -> None:
+        if run.attempts and self.upstream_headers:
+            exc.added_headers = [(b"x-pyproxy-attempts", b"%d" % run.attempts)]
+        handler.log_failure(run.request.method, run.request.target, exc)
+        sink.send_error(exc)
+
+    def _begin(self, run: "Run", deployment: Deployment) -> Attempt:
+        run.attempts += 1
+        attempt = Attempt(self, run.request, deployment, run.attempts, run.tried)
+        attempt.state.in_flight += 1
+        self.requests_in_flight += 1
+        return attempt
+
+    def _end(self, run: "Run", attempt: Attempt) -> None:
+        attempt.state.in_flight -= 1
+        self.requests_in_flight -= 1
+
+    async def _attempts(self, handler: "Handler", sink: Any, run: "Run", body: "RequestBody") -> None:
+        request = run.request
+        route = request.route
+        while True:
+            now = self.loop.time()
+            deployment = choose(route.deployments, self.states, now, self.rng, run.tried)
+            if deployment is None:
+                if run.last_error is not None:
+                    raise run.last_error
+                soonest = soonest_recovery(route.deployments, self.states, now, run.tried)
+                raise NoUpstreamAvailable(
+                    "no upstream is available for this request (all ejected, cooling down or busy)",
+                    retry_after=max(1, int(soonest + 0.999)),
+                )
+            attempt = self._begin(run, deployment)
+            pool = self.pools[deployment.upstream]
+            try:
+                if await self._attempt(handler, sink, run, attempt, pool, body):
+                    return
+            finally:
+                self._end(run, attempt)
+
+    async def _attempt(
+        self, handler: "Handler", sink: Any, run: "Run", attempt: Attempt, pool: ConnectionPool, body: "RequestBody"
+    ) -> bool:
+        """One attempt: True when the request is answered (or its client left); False to go
+        again; raises what the client is answered with."""
+        request, deployment = run.request, attempt.deployment
+        try:
+            conn = await pool.acquire(fresh=run.fresh)
+        except UpstreamError as exc:  # connect refused or timed out, or the pool's wait
+            if self._judge(run, attempt, exc, False, body, pool, acquiring=True):
+                return False
+            raise
+        if sink.gone or body.error is not None:
+            pool.release(conn)  # unused and clean
+            if body.error is not None and not sink.gone:
+                raise body.error
+            return True
+        whole = request.body_for(deployment)
+        head, chunked = request.head_for(self.heads[deployment.upstream], whole)
+        exchange = self._exchange(sink, conn, body, handler, None, None, with_future=True)
+        exchange.attempt = attempt
+        exchange.run = run
+        sink.exchange = exchange
+        try:
+            if whole is not None:
+                conn.start_exchange(exchange, request.method, head, False, [whole], end=True)
+            else:
+                chunks = list(run.sent or ())
+                if body.complete:
+                    # What arrived while a connection was found goes out with the rest.
+                    rest = body.take_buffered()
+                    if rest:
+                        chunks += rest
+                        run.sent = chunks
+                        if run.replay is not None:
+                            run.replay.extend(rest)
+                    conn.start_exchange(exchange, request.method, head, chunked, chunks, end=True)
+                else:
+                    conn.start_exchange(exchange, request.method, head, chunked, chunks)
+                    await self._pump_body(conn, exchange, body, run.replay)
+                    if run.replay is not None and body.received > self.retry_buffer_bytes:
+                        run.replay = None
+            await exchange.done
+            return True
+        except BaseException as exc:
+            if not exchange.finished:
+                exchange.finished = True
+                conn.detach()
+            if isinstance(exc, ProxyError) and self._judge(run, attempt, exc, exchange.response_started, body, pool):
+                return False
+            raise
+
+    def _judge(
+        self,
+        run: "Run",
+        attempt: Attempt,
+        exc: ProxyError,
+        response_started: bool,
+        body: "RequestBody",
+        pool: ConnectionPool,
+        acquiring: bool = False,
+    ) -> bool:
+        """After a failed attempt: record it (ejection, metrics) and decide whether the
+        request goes again (True) or is answered with ``exc`` (False). ``acquiring``: it
+        failed getting a connection (nothing was sent)."""
+        request, state = run.request, attempt.state
+        if acquiring:
+            kind: Optional[str] = outlier.CONNECT
+        else:
+            kind = self._failure_kind(exc, response_started, request, body, run.replay)
+        if kind is None:  # not a failure another attempt could mend
+            if isinstance(exc, UpstreamError) and not response_started:
+                self.failed(state, exc.message)
+                state.count(state.attempts, "failure")
+            return False
+        run.last_error = exc
+        if kind == outlier.UNSENT and run.stale < MAX_STALE_RETRIES:
+            # The keep-alive race: the same upstream again, on a fresh connection;
+            # nobody's failure, and not another of the gateway's attempts.
+            run.stale += 1
+            pool.stats.stale_retries += 1
+            state.count(state.attempts, "stale")
+            run.fresh = True
+            run.attempts -= 1
+            if getattr(exc, "request_sent", False):
+                run.sent = run.replay
+            return True
+        if kind == outlier.CONNECT:
+            state.count(state.attempts, "connect_error")
+            if not isinstance(exc, PoolTimeout):  # a full pool is not the upstream's failure
+                self.failed(state, exc.message)
+            if not self._may_retry(attempt, written=False):
+                return False
+        elif kind != outlier.STATUS:  # a status was judged as it arrived
+            self.failed(state, exc.message)
+            state.count(state.attempts, kind)
+            if not self._retry_after_failure(attempt, kind, request, body, run.replay):
+                return False
+            if request.whole is None:
+                run.sent = run.replay  # what was written, to write again
+        run.tried.append(attempt.deployment.upstream)
+        run.fresh = False
+        if not run.is_retry:
+            run.is_retry = True
+            self.retries_in_flight += 1
+        return True
 
     def _failure_kind(
         self,

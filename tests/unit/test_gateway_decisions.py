@@ -11,7 +11,7 @@ import pytest
 
 from pyproxy.config import ConfigError, build_settings
 from pyproxy.gateway import outlier
-from pyproxy.gateway.balancer import DEFAULT_RTT, choose, cost, observe_latency
+from pyproxy.gateway.balancer import DEFAULT_RTT, choose, cost, observe_latency, soonest_recovery
 from pyproxy.gateway.config import Deployment, Secret
 from pyproxy.gateway.models import (
     BY_MODEL,
@@ -147,6 +147,7 @@ def test_routing_by_head() -> None:
     table = routes(MODELS)
     assert table.by_head(b"POST", b"/v1/chat/completions") == (BY_MODEL, None)
     assert table.by_head(b"GET", b"/v1/models") == (MODEL_LIST, None)
+    assert table.by_head(b"GET", b"/v1/models?limit=5") == (MODEL_LIST, None)  # the path decides
     kind, target = table.by_head(b"POST", b"/v1/files/x")
     assert kind == TO_UPSTREAM and target.deployments == (Deployment("b"),)
     kind, target = table.by_head(b"GET", b"/v1/batches")
@@ -235,22 +236,23 @@ def test_choose_filters_ejected_cooling_full_and_tried() -> None:
     rng = random.Random(1)
     st["a"].ejected_until = 50.0
     st["b"].cooling_until = 20.0
-    assert {choose(deps, st, 10.0, rng).deployment.upstream for _ in range(50)} == {"c"}
+    assert {choose(deps, st, 10.0, rng).upstream for _ in range(50)} == {"c"}
     st["c"].in_flight = 100  # at its bound
-    choice = choose(deps, st, 10.0, rng)
-    assert choice.deployment is None and choice.retry_after == pytest.approx(1.0)
+    assert choose(deps, st, 10.0, rng) is None
+    assert soonest_recovery(deps, st, 10.0) == pytest.approx(1.0)
     st["c"].in_flight = 0
-    assert choose(deps, st, 10.0, rng, tried=["c"]).retry_after == pytest.approx(10.0)  # b cools until 20
-    assert choose(deps, st, 25.0, rng, tried=["c"]).deployment.upstream == "b"
+    assert choose(deps, st, 10.0, rng, tried=["c"]) is None
+    assert soonest_recovery(deps, st, 10.0, tried=["c"]) == pytest.approx(10.0)  # b cools until 20
+    assert choose(deps, st, 25.0, rng, tried=["c"]).upstream == "b"
 
 
 def test_choose_takes_the_lowest_priority_tier_left() -> None:
     st = states("a", "b", "fallback")
     deps = [Deployment("a"), Deployment("b"), Deployment("fallback", priority=1)]
     rng = random.Random(2)
-    assert {choose(deps, st, 0.0, rng).deployment.upstream for _ in range(100)} == {"a", "b"}
+    assert {choose(deps, st, 0.0, rng).upstream for _ in range(100)} == {"a", "b"}
     st["a"].cooling_until = st["b"].ejected_until = 10.0
-    assert choose(deps, st, 0.0, rng).deployment.upstream == "fallback"
+    assert choose(deps, st, 0.0, rng).upstream == "fallback"
 
 
 def test_p2c_follows_weights_when_loads_are_equal() -> None:
@@ -259,7 +261,7 @@ def test_p2c_follows_weights_when_loads_are_equal() -> None:
     rng = random.Random(3)
     counts = {"a": 0, "b": 0, "c": 0}
     for _ in range(4000):
-        counts[choose(deps, st, 0.0, rng).deployment.upstream] += 1
+        counts[choose(deps, st, 0.0, rng).upstream] += 1
     # Equal cost per weight unit: the cheaper of two is the heavier one, a wins more than its 2/4.
     assert counts["a"] > counts["b"] + counts["c"]
     assert counts["b"] > 200 and counts["c"] > 200  # each still gets traffic
@@ -270,13 +272,13 @@ def test_p2c_prefers_less_loaded_and_faster_deployments() -> None:
     deps = [Deployment("a"), Deployment("b")]
     rng = random.Random(4)
     st["a"].in_flight = 5
-    assert choose(deps, st, 0.0, rng).deployment.upstream == "b"
+    assert choose(deps, st, 0.0, rng).upstream == "b"
     st["a"].in_flight = 0
     observe_latency(st["a"], 0.100, 0.0)
     observe_latency(st["b"], 0.010, 0.0)
-    assert choose(deps, st, 0.0, rng).deployment.upstream == "b"
+    assert choose(deps, st, 0.0, rng).upstream == "b"
     st["b"].in_flight = 20  # 0.010 * 21 > 0.100 * 1
-    assert choose(deps, st, 0.0, rng).deployment.upstream == "a"
+    assert choose(deps, st, 0.0, rng).upstream == "a"
 
 
 def test_peak_ewma_jumps_up_and_decays_down() -> None:
