@@ -74,6 +74,8 @@ def gateway_config(workdir: Path, ports: List[int]) -> Path:
         lines.append(f'[[upstreams]]\nname = "o{i}"\nurl = "http://127.0.0.1:{port}"\n')
     deployments = ", ".join(f'{{ upstream = "o{i}" }}' for i in range(len(ports)))
     lines.append(f'[[models]]\nname = "gpt-bench"\ndeployments = [{deployments}]\n')
+    # GETs carry no model: a path route balances them over the same three.
+    lines.append(f'[[routes]]\nmethods = ["GET"]\npath = "/v1/chat/completions"\ndeployments = [{deployments}]\n')
     path = workdir / f"gateway-{'-'.join(map(str, ports))}.toml"
     path.write_text("\n".join(lines))
     return path
@@ -246,6 +248,9 @@ async def _drive(port: int, method: bytes, duration: float, victim: Service, log
     runner = asyncio.gather(*(_load(port, method, stop_at, kill_at, log) for _ in range(32)))
     await asyncio.sleep(kill_at - time.monotonic())
     os.killpg(victim.proc.pid, signal.SIGKILL)
+    # Counted from when the origin is gone (its sockets closed by the kernel), not from
+    # when the signal was sent.
+    await asyncio.get_running_loop().run_in_executor(None, victim.proc.wait)
     killed = time.monotonic()
     await runner
     return killed

@@ -539,6 +539,7 @@ def _flatten_toml(
         if section in GATEWAY_TABLES:
             gateway[section] = value
         elif section == "routes":
+            gateway["routes"] = value  # their upstream / deployments keys are the gateway's
             try:
                 rules["routes"] = parse_rules(value, "routes", ROUTE_KEYS, ANY_METHOD)
             except RuleError as exc:

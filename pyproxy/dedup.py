@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 
 from pyproxy.cache.policy import vary_names, vary_values
 from pyproxy.errors import ProxyError
-from pyproxy.server.protocol import abandon
+from pyproxy.sink import abandon
 
 if TYPE_CHECKING:  # pragma: no cover
     import asyncio

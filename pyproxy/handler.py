@@ -45,7 +45,8 @@ from pyproxy.metrics import RequestMetrics
 from pyproxy.routing import UNPARSED, Plan, Router
 from pyproxy.rules import request_path
 from pyproxy.server.body import RequestBody
-from pyproxy.server.protocol import ClientConnection, ClientGone
+from pyproxy.server.protocol import ClientConnection
+from pyproxy.sink import ClientGone
 from pyproxy.upstream.connection import ExchangeListener, UpstreamConnection
 from pyproxy.upstream.pool import ConnectionPool
 

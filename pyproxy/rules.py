@@ -15,7 +15,9 @@ CACHE_RULE_KEYS = _COMMON_KEYS | frozenset(
     {"ttl", "stale_while_revalidate", "stale_if_error", "shared", "ignore_fields", "when", "stream"}
 )
 DEDUP_RULE_KEYS = _COMMON_KEYS
-ROUTE_KEYS = _COMMON_KEYS | frozenset({"upstream"})
+# upstream / deployments (+ retry_on, max_attempts, retry_deadline): the gateway's
+# (pyproxy/gateway/config.py).
+ROUTE_KEYS = _COMMON_KEYS | frozenset({"upstream", "deployments", "retry_on", "max_attempts", "retry_deadline"})
 ANY_METHOD = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 

@@ -18,12 +18,16 @@ from pyproxy.rules import Rule
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
 AUTH_HEADERS = ("authorization", "x-api-key", "api-key")
 UPSTREAM_KEYS = frozenset({"name", "url", "api_key", "auth_header", "max_connections", "health_path"})
-MODEL_KEYS = frozenset({"name", "deployments", "retry_on", "max_attempts"})
+MODEL_KEYS = frozenset({"name", "deployments", "retry_on", "max_attempts", "retry_deadline"})
 DEPLOYMENT_KEYS = frozenset({"upstream", "weight", "priority", "model"})
 # Failures retried only when a model opts in: the upstream may already be working
 # (and billing) on the request.
 OPT_IN_RETRIES = frozenset({"500", "timeout", "reset"})
 DEFAULT_MAX_ATTEMPTS = 3
+# The request's own deadline for retries: past this many seconds since its first
+# attempt began, a failure is answered rather than tried again (a client that gave
+# up long ago gains nothing from a third upstream).
+DEFAULT_RETRY_DEADLINE = 30.0
 NO_DEFAULT = "none"  # default_upstream = "none": unmatched requests get 404
 
 
@@ -85,6 +89,8 @@ class ModelSpec:
     deployments: Tuple[Deployment, ...]
     retry_on: FrozenSet[str] = frozenset()
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    # Seconds from the first attempt after which no further attempt starts.
+    retry_deadline: float = DEFAULT_RETRY_DEADLINE
 
     @property
     def is_glob(self) -> bool:
@@ -96,7 +102,9 @@ class GatewayConfig:
     upstreams: Tuple[UpstreamSpec, ...]
     models: Tuple[ModelSpec, ...] = ()
     aliases: Tuple[Tuple[str, str], ...] = ()
-    routes: Tuple[Rule, ...] = ()  # the [[routes]] that name an upstream
+    routes: Tuple[Rule, ...] = ()  # the [[routes]] that name an upstream or deployments
+    # Each of ``routes``' targets: one upstream, or deployments balanced as a model's are.
+    route_specs: Tuple[ModelSpec, ...] = ()
     default_upstream: Optional[str] = None  # None: no default (404); else an upstream name
     upstream_names: Tuple[str, ...] = field(default=())
 
@@ -220,7 +228,10 @@ def _parse_model(value: Any, where: str, upstreams: Dict[str, UpstreamSpec]) -> 
             f"{where}.retry_on: expected a list of {', '.join(sorted(OPT_IN_RETRIES))}, got {retry_on!r}"
         )
     max_attempts = _positive_int(table.get("max_attempts", DEFAULT_MAX_ATTEMPTS), f"{where}.max_attempts")
-    return ModelSpec(name, parsed, frozenset(str(r) for r in retry_on), max_attempts)
+    retry_deadline = table.get("retry_deadline", DEFAULT_RETRY_DEADLINE)
+    if isinstance(retry_deadline, bool) or not isinstance(retry_deadline, (int, float)) or not retry_deadline > 0:
+        raise GatewayConfigError(f"{where}.retry_deadline: expected seconds > 0, got {retry_deadline!r}")
+    return ModelSpec(name, parsed, frozenset(str(r) for r in retry_on), max_attempts, float(retry_deadline))
 
 
 def parse_gateway(
@@ -231,9 +242,10 @@ def parse_gateway(
         for key in ("models", "model_aliases", "default_upstream"):
             if key in tables:
                 raise GatewayConfigError(f"{key}: needs [[upstreams]]")
-        for i, rule in enumerate(routes):
-            if rule.upstream:
-                raise GatewayConfigError(f"routes[{i}].upstream: needs [[upstreams]]")
+        for i, raw in enumerate(tables.get("routes", [])):
+            for key in ("upstream", "deployments"):
+                if isinstance(raw, Mapping) and key in raw:
+                    raise GatewayConfigError(f"routes[{i}].{key}: needs [[upstreams]]")
         return None
     specs = [
         _parse_upstream(t, f"upstreams[{i}]", environ) for i, t in enumerate(_array(tables["upstreams"], "upstreams"))
@@ -261,9 +273,23 @@ def parse_gateway(
     for alias, target in aliases_table.items():
         if target in aliases_table:
             raise GatewayConfigError(f"model_aliases.{alias}: points at another alias ({target!r}); name the model")
-    for i, rule in enumerate(routes):
-        if rule.upstream and rule.upstream not in by_name:
-            raise GatewayConfigError(f"routes[{i}].upstream: no upstream named {rule.upstream!r}")
+    gateway_routes: List[Rule] = []
+    route_specs: List[ModelSpec] = []
+    for i, (rule, raw) in enumerate(zip(routes, tables.get("routes", []))):
+        where = f"routes[{i}]"
+        if rule.upstream and "deployments" in raw:
+            raise GatewayConfigError(f"{where}: give upstream or deployments, not both")
+        if rule.upstream:
+            if rule.upstream not in by_name:
+                raise GatewayConfigError(f"{where}.upstream: no upstream named {rule.upstream!r}")
+            spec = ModelSpec(rule.name, (Deployment(rule.upstream),))
+        elif "deployments" in raw:
+            route_table = {k: raw[k] for k in MODEL_KEYS - {"name"} if k in raw}
+            spec = _parse_model(dict(route_table, name=rule.name), where, by_name)
+        else:
+            continue  # a name for the metrics only
+        gateway_routes.append(rule)
+        route_specs.append(spec)
     default = tables.get("default_upstream", specs[0].name)
     if default != NO_DEFAULT and default not in by_name:
         raise GatewayConfigError(f'default_upstream: no upstream named {default!r} (or "none")')
@@ -271,7 +297,8 @@ def parse_gateway(
         upstreams=tuple(specs),
         models=models,
         aliases=tuple(aliases_table.items()),
-        routes=tuple(r for r in routes if r.upstream),
+        routes=tuple(gateway_routes),
+        route_specs=tuple(route_specs),
         default_upstream=None if default == NO_DEFAULT else default,
         upstream_names=tuple(by_name),
     )

@@ -16,7 +16,7 @@ from pyproxy._compat import json_dumps
 from pyproxy.errors import BadRequest, ProxyError
 from pyproxy.gateway.config import Deployment, GatewayConfig, ModelSpec
 from pyproxy.http.headers import to_origin_form
-from pyproxy.rules import find_rule, request_path
+from pyproxy.rules import Rule, request_path
 
 # What a request goes to once its head is read.
 TO_UPSTREAM = "upstream"  # one named upstream (a [[routes]] entry or the default)
@@ -74,6 +74,10 @@ class GatewayRoutes:
         self.exact: Dict[str, ModelSpec] = {m.name: m for m in config.models if not m.is_glob}
         self.globs: List[ModelSpec] = [m for m in config.models if m.is_glob]
         self.model_routing = bool(config.models)
+        # [[routes]] in order, each with its target: one upstream, or balanced deployments.
+        self._route_targets: List[Tuple[Rule, Target]] = [
+            (rule, Target(spec.deployments, None, spec)) for rule, spec in zip(config.routes, config.route_specs)
+        ]
         self._upstream_targets: Dict[str, Target] = {
             spec.name: Target((Deployment(spec.name),), None, None) for spec in config.upstreams
         }
@@ -96,9 +100,9 @@ class GatewayRoutes:
         return found
 
     def _by_head(self, method: bytes, path: bytes) -> Tuple[str, Optional[Target]]:
-        rule = find_rule(self.config.routes, method, path) if self.config.routes else None
-        if rule is not None:
-            return TO_UPSTREAM, self._upstream_targets[rule.upstream]
+        for rule, target in self._route_targets:
+            if rule.matches(method, path):
+                return TO_UPSTREAM, target
         if self.model_routing:
             if method == b"POST" and path.startswith(_MODEL_ROUTED_PREFIX):
                 return BY_MODEL, None

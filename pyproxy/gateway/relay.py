@@ -28,12 +28,12 @@ from pyproxy.errors import (
 )
 from pyproxy.gateway import outlier
 from pyproxy.gateway.balancer import choose, observe_latency, soonest_recovery
-from pyproxy.gateway.config import DEFAULT_MAX_ATTEMPTS, Deployment, GatewayConfig, UpstreamSpec
+from pyproxy.gateway.config import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_DEADLINE, Deployment, GatewayConfig, UpstreamSpec
 from pyproxy.gateway.models import GatewayRoutes, Target, rewrite_model
 from pyproxy.gateway.state import UpstreamState
 from pyproxy.http.headers import client_response_headers
 from pyproxy.http.messages import ResponseHead
-from pyproxy.server.protocol import ClientGone
+from pyproxy.sink import ClientGone
 from pyproxy.upstream.pool import ConnectionPool
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -82,6 +82,7 @@ class RoutedRequest:
         "content_length",
         "_fields",
         "_fields_without_credentials",
+        "retry_until",
     )
 
     def __init__(
@@ -104,6 +105,7 @@ class RoutedRequest:
         self._bodies: Dict[str, bytes] = {}
         self._fields: Optional[bytes] = None
         self._fields_without_credentials: Optional[bytes] = None
+        self.retry_until = 0.0  # the loop time after which no attempt starts (see dispatch)
 
     def body_for(self, deployment: Deployment) -> Optional[bytes]:
         """The body for this deployment: the model renamed when it must be, else as sent."""
@@ -337,13 +339,16 @@ class Gateway:
         state.count(state.attempts, "retried")
         return True
 
-    def _may_retry(self, attempt: Attempt, *, written: bool) -> bool:
+    def _may_retry(self, attempt: Attempt, *, written: bool, budgeted: bool = True) -> bool:
+        """``written``: the body must be replayable; ``budgeted``: the retry budget applies
+        -- not to a connect failure, which reached no upstream and so adds no load to
+        the fleet (the budget's reason); ``max_attempts`` bounds those still."""
         request = attempt.request
         spec = request.route.spec
         max_attempts = spec.max_attempts if spec is not None else DEFAULT_MAX_ATTEMPTS
-        if attempt.number >= max_attempts:
+        if attempt.number >= max_attempts or self.loop.time() >= request.retry_until:
             return False
-        if not outlier.budget_allows(self.requests_in_flight, self.retries_in_flight):
+        if budgeted and not outlier.budget_allows(self.requests_in_flight, self.retries_in_flight):
             return False
         if written and not self._replayable(request):
             return False
@@ -373,6 +378,8 @@ class Gateway:
         idle connection, without a task (as the one-upstream relay does); else, or on a
         failure to go again, through one task per request."""
         run = Run(request, sent)
+        spec = request.route.spec
+        request.retry_until = self.loop.time() + (spec.retry_deadline if spec is not None else DEFAULT_RETRY_DEADLINE)
         if body.complete and self._start_taskless(handler, sink, run, body):
             return
         sink.task = sink.loop.create_task(self.run(handler, sink, run, body))
@@ -568,7 +575,7 @@ class Gateway:
             state.count(state.attempts, "connect_error")
             if not isinstance(exc, PoolTimeout):  # a full pool is not the upstream's failure
                 self.failed(state, exc.message)
-            if not self._may_retry(attempt, written=False):
+            if not self._may_retry(attempt, written=False, budgeted=False):
                 return False
         elif kind != outlier.STATUS:  # a status was judged as it arrived
             self.failed(state, exc.message)

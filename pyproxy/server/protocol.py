@@ -50,6 +50,7 @@ from pyproxy.http.headers import RequestFraming, request_framing
 from pyproxy.http.messages import RequestHead
 from pyproxy.server.body import RequestBody
 from pyproxy.server.flow import BODY_BUFFER_FULL, PIPELINE_WAIT, ReadGate
+from pyproxy.sink import ClientGone, abandon
 from pyproxy.upstream.connection import ReusedBufferReads, set_nodelay
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -97,10 +98,6 @@ _NO_BODY_FRAMING = RequestFraming(None, False)
 LINGER_SECONDS = 2.0
 
 
-class ClientGone(Exception):
-    """The client disconnected; nobody is left to answer."""
-
-
 def _client_error(exc: h11.RemoteProtocolError, max_header_size: int) -> ProxyError:
     hint = exc.error_status_hint
     if hint == 431:
@@ -122,20 +119,6 @@ def raw_error_response(exc: ProxyError) -> bytes:
         reason = b""
     headers.append(_CLOSE_HEADER)
     return serialize_response_head(status, reason, headers) + body
-
-
-def abandon(owner: Any) -> None:
-    """Nobody will read this response: tell the upstream side (it closes the
-    connection, so an LLM stops generating) and cancel the request's task.
-    ``owner``: a client connection, or a coalesced fetch."""
-    exchange = owner.exchange
-    owner.exchange = None
-    if exchange is not None:
-        exchange.client_gone()
-    task = owner.task
-    owner.task = None
-    if task is not None and not task.done():
-        task.cancel()
 
 
 class ClientConnection(asyncio.Protocol):

@@ -88,6 +88,27 @@ def test_bad_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "tables, expected",
+    [
+        ('[[upstreams]]\nname = "a"\nurl = "http://127.0.0.1:1"\napi_key = "env:PYPROXY_TEST_UNSET_KEY"\n',
+         "upstreams[0].api_key: environment variable PYPROXY_TEST_UNSET_KEY is not set"),
+        ('[[upstreams]]\nname = "a"\nurl = "http://127.0.0.1:1"\napi_key = "file:/nonexistent/secret"\n',
+         "upstreams[0].api_key: cannot read '/nonexistent/secret'"),
+        ('[[upstreams]]\nname = "a"\nurl = "http://127.0.0.1:1"\n[[models]]\nname = "m"\n'
+         'deployments = [{ upstream = "b" }]\n', "models[0].deployments[0].upstream: no upstream named 'b'"),
+        ('[[upstreams]]\nname = "a"\nurl = "http://127.0.0.1:1"\n[[upstreams]]\nname = "a"\nurl = "http://x"\n',
+         "upstreams[1].name: 'a' is used twice"),
+    ],
+)  # fmt: skip
+def test_bad_gateway_config_is_one_line_naming_the_key_and_exit_2(tmp_path: Path, tables: str, expected: str) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(tables)
+    result = run_cli(["--config", str(config)])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result
+    assert expected in result.stderr
+
+
 def test_loop_uvloop_without_uvloop_is_exit_2() -> None:
     """As on PyPy, where uvloop never installs; on CPython uvloop is hidden from the import."""
     code = (

@@ -105,6 +105,27 @@ async def test_dead_upstream_fails_over_with_zero_client_errors() -> None:
             assert proxy.gateway.states["dead"].failures + 5 * proxy.gateway.states["dead"].ejections >= 1
 
 
+async def test_a_burst_against_a_dead_upstream_is_not_stopped_by_the_retry_budget() -> None:
+    """Connect failures reached no upstream: they fail over outside the retry budget
+    (20 % of the requests in flight), which would otherwise refuse most of a burst."""
+    async with Origin() as live:
+        release = asyncio.Event()
+
+        @live.route(CHAT)
+        async def slow(req: Received, reply: Reply) -> None:
+            await release.wait()  # the whole burst is in flight at once
+            await reply.full(200, b"{}")
+
+        dead = f"http://127.0.0.1:{free_port()}"
+        toml = upstreams_toml(dead=dead, live=live) + models_toml('{ upstream = "dead" }, { upstream = "live" }')
+        async with running_gateway(toml) as proxy:
+            burst = asyncio.gather(*(chat(proxy.port) for _ in range(40)))
+            await wait_until(lambda: len(live.requests) == 40, timeout=10)
+            release.set()
+            statuses = [resp.status for resp in await burst]
+        assert statuses == [200] * 40
+
+
 async def test_429_cools_the_upstream_for_its_retry_after() -> None:
     async with Origin() as a, Origin() as b:
         answer_as(b, "b")
@@ -139,6 +160,26 @@ async def test_429_cools_the_upstream_for_its_retry_after() -> None:
                 assert time.monotonic() < deadline, "the cooled upstream never came back"
                 await asyncio.sleep(0.05)
             assert time.monotonic() - cooled_at >= 1.9
+
+
+async def test_no_retry_starts_past_the_requests_retry_deadline() -> None:
+    async with Origin() as a, Origin() as b, Origin() as c:
+        for origin in (a, b, c):
+
+            @origin.route(CHAT)
+            async def unavailable(req: Received, reply: Reply) -> None:
+                await asyncio.sleep(0.5)  # a floor: the deadline below has always passed
+                await reply.full(503, b'{"error":"busy"}')
+
+        three = '{ upstream = "a" }, { upstream = "b" }, { upstream = "c" }'
+        for deadline, attempts in (("retry_deadline = 0.3", 1), ("", 3)):
+            toml = upstreams_toml(a=a, b=b, c=c) + models_toml(three, deadline)
+            async with running_gateway(toml) as proxy:
+                before = len(a.requests) + len(b.requests) + len(c.requests)
+                resp = await chat(proxy.port)
+                assert resp.status == 503  # the last upstream's answer, relayed
+                assert resp.header(b"x-pyproxy-attempts") == str(attempts).encode()
+                assert len(a.requests) + len(b.requests) + len(c.requests) - before == attempts
 
 
 async def test_all_deployments_cooling_is_503_with_retry_after() -> None:
@@ -376,6 +417,22 @@ async def test_path_routes_and_default_upstream_none() -> None:
             resp = await request(proxy.port, b"GET", b"/other")
             assert resp.status == 404 and resp.header(b"x-pyproxy-upstream") is None
             assert resp.json()["error"]["code"] == "not_found"
+
+
+async def test_a_path_route_balances_over_deployments_and_fails_over() -> None:
+    async with Origin() as a, Origin() as b:
+        dead = f"http://127.0.0.1:{free_port()}"
+        toml = upstreams_toml(a=a, b=b, dead=dead) + (
+            '[[routes]]\nmethods = ["GET"]\npath = "/echo"\n'
+            'deployments = [{ upstream = "a" }, { upstream = "b" }, { upstream = "dead" }]\n'
+        )
+        async with running_gateway(toml) as proxy:
+            seen = set()
+            for _ in range(30):
+                resp = await request(proxy.port, b"GET", b"/echo")
+                assert resp.status == 200
+                seen.add(resp.header(b"x-pyproxy-upstream"))
+            assert seen == {b"a", b"b"}
 
 
 async def test_upstream_headers_off_hides_them_from_clients() -> None:

@@ -54,6 +54,7 @@ name = "llama"
 deployments = [{ upstream = "a", weight = 2 }, { upstream = "b", model = "x", priority = 1 }]
 retry_on = ["500", "reset"]
 max_attempts = 2
+retry_deadline = 2.5
 [model_aliases]
 "big" = "llama"
 [[routes]]
@@ -70,6 +71,7 @@ upstream = "b"
     model = gw.models[0]
     assert model.deployments == (Deployment("a", 2.0, 0, None), Deployment("b", 1.0, 1, "x"))
     assert model.retry_on == frozenset({"500", "reset"}) and model.max_attempts == 2
+    assert model.retry_deadline == 2.5
     assert gw.aliases == (("big", "llama"),) and gw.routes[0].upstream == "b"
     assert gw.default_upstream == "a"
     assert "sk-b" not in repr(s) and repr(b.api_key) == "Secret('***')"
@@ -99,10 +101,16 @@ def test_config_reads_keys_from_files(tmp_path: Any) -> None:
          "models[0].deployments[0].weight"),
         (BASE + '[[models]]\nname = "m"\ndeployments = [{ upstream = "a" }]\nretry_on = ["404"]\n', None,
          "models[0].retry_on"),
+        (BASE + '[[models]]\nname = "m"\ndeployments = [{ upstream = "a" }]\nretry_deadline = 0\n', None,
+         "models[0].retry_deadline: expected seconds > 0"),
         (BASE + '[[models]]\nname = "m"\ndeployments = [{ upstream = "a", region = "eu" }]\n', None,
          "models[0].deployments[0]: unknown key 'region'"),
         ('default_upstream = "c"\n' + BASE, None, "default_upstream: no upstream named 'c'"),
         (BASE + '[[routes]]\npath = "/x"\nupstream = "c"\n', None, "routes[0].upstream: no upstream named 'c'"),
+        (BASE + '[[routes]]\npath = "/x"\ndeployments = [{ upstream = "c" }]\n', None,
+         "routes[0].deployments[0].upstream: no upstream named 'c'"),
+        (BASE + '[[routes]]\npath = "/x"\nupstream = "a"\ndeployments = [{ upstream = "a" }]\n', None,
+         "routes[0]: give upstream or deployments, not both"),
         ('[[routes]]\npath = "/x"\nupstream = "a"\n', None, "routes[0].upstream: needs [[upstreams]]"),
         (BASE + '[model_aliases]\n"x" = "y"\n"y" = "z"\n', None, "model_aliases.x: points at another alias"),
     ],
