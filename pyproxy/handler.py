@@ -814,7 +814,7 @@ class Handler:
         if plan is None:
             routed = self.routed_request(client, request, framing, self.assign_request_id(client, request), target)
             routed.whole = whole
-            self._dispatch(client, body, routed, chunks)
+            self.gateway.dispatch(self, client, routed, body, chunks)  # type: ignore[union-attr]
             return
         req = Keyed(self, client, request, framing, body, plan, chunks)
         routed = req._outbound

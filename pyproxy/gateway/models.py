@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from pyproxy._compat import json_dumps
 from pyproxy.errors import BadRequest, ProxyError
+from pyproxy.gateway.balancer import is_uniform
 from pyproxy.gateway.config import Deployment, GatewayConfig, ModelSpec
 from pyproxy.http.headers import to_origin_form
 from pyproxy.rules import Rule, request_path
@@ -46,7 +47,7 @@ class RouteNotFound(ProxyError):
 class Target:
     """Where one request goes: the candidate deployments and the model to send."""
 
-    __slots__ = ("deployments", "public_model", "requested", "spec")
+    __slots__ = ("deployments", "public_model", "requested", "spec", "uniform", "renames")
 
     def __init__(
         self,
@@ -59,6 +60,9 @@ class Target:
         self.public_model = public_model  # after aliases; None: not model-routed
         self.requested = requested  # the "model" the client sent
         self.spec = spec  # the model entry (retry_on, max_attempts); None: defaults
+        self.uniform = is_uniform(deployments)  # see balancer.choose
+        # Whether any deployment is sent another model name than the client's.
+        self.renames = any(self.model_for(d) is not None for d in deployments)
 
     def model_for(self, deployment: Deployment) -> Optional[str]:
         """The model name to write into the body for this deployment, or None: the body
@@ -132,6 +136,9 @@ class GatewayRoutes:
         if not isinstance(parsed, dict):
             raise BadRequest('the request body must be a JSON object with a "model" field')
         model = parsed.get("model")
+        target = self._targets.get(model) if type(model) is str else None
+        if target is not None:
+            return target
         if not isinstance(model, str) or not model:
             raise BadRequest('the request body has no "model" field (a string)')
         found = self.resolve(model)

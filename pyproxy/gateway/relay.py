@@ -80,8 +80,6 @@ class RoutedRequest:
         "whole",
         "_bodies",
         "content_length",
-        "_fields",
-        "_fields_without_credentials",
         "retry_until",
     )
 
@@ -102,38 +100,29 @@ class RoutedRequest:
         self.content_length = content_length
         self.route = route
         self.whole = whole  # the whole body when it was read to route by model, else None
-        self._bodies: Dict[str, bytes] = {}
-        self._fields: Optional[bytes] = None
-        self._fields_without_credentials: Optional[bytes] = None
+        self._bodies: Optional[Dict[str, bytes]] = None  # renamed bodies, by model name
         self.retry_until = 0.0  # the loop time after which no attempt starts (see dispatch)
 
     def body_for(self, deployment: Deployment) -> Optional[bytes]:
         """The body for this deployment: the model renamed when it must be, else as sent."""
         whole = self.whole
-        if whole is None:
-            return None
+        if whole is None or not self.route.renames:
+            return whole
         model = self.route.model_for(deployment)
         if model is None:
             return whole
-        body = self._bodies.get(model)
+        bodies = self._bodies
+        if bodies is None:
+            bodies = self._bodies = {}
+        body = bodies.get(model)
         if body is None:
-            body = self._bodies[model] = rewrite_model(whole, model)
+            body = bodies[model] = rewrite_model(whole, model)
         return body
 
     def head_for(self, upstream: "UpstreamHead", body: Optional[bytes]) -> Tuple[bytes, bool]:
-        """The request head for one upstream, and whether its body goes chunked. The
-        client's fields are serialized once per request (twice at most: with and
-        without its credentials), the upstream's own lines once per process."""
-        if upstream.credential is None:
-            fields = self._fields
-            if fields is None:
-                fields = self._fields = _serialize_fields(self.headers)
-        else:
-            fields = self._fields_without_credentials
-            if fields is None:
-                fields = self._fields_without_credentials = _serialize_fields(
-                    [h for h in self.headers if h[0] not in CREDENTIAL_HEADERS]
-                )
+        """The request head for one upstream, and whether its body goes chunked: the
+        client's fields between the upstream's own constant lines, joined once (one
+        join, as serialize_request_head: formatting each field costs more)."""
         chunked = False
         if body is not None:
             framing = b"content-length: %d\r\n" % len(body)
@@ -147,21 +136,27 @@ class RoutedRequest:
         target = self.target
         if upstream.prefix:
             target = upstream.prefix + (target if target != b"*" else b"/")
-        head = b"".join(
-            (self.method, b" ", target, b" HTTP/1.1\r\n", upstream.host_line, fields, upstream.credential_line,
-             framing, b"\r\n")
-        )  # fmt: skip
-        return head, chunked
+        parts = [self.method, b" ", target, b" HTTP/1.1\r\n", upstream.host_line]
+        if upstream.credential is None:
+            for name, value in self.headers:
+                parts += (name, _SEP, value, _CRLF)
+        else:
+            for name, value in self.headers:
+                if name not in CREDENTIAL_HEADERS:
+                    parts += (name, _SEP, value, _CRLF)
+            parts.append(upstream.credential_line)
+        parts += (framing, _CRLF)
+        return b"".join(parts), chunked
 
 
-def _serialize_fields(headers: List[Header]) -> bytes:
-    return b"".join([b"%s: %s\r\n" % field for field in headers])
+_SEP = b": "
+_CRLF = b"\r\n"
 
 
 class UpstreamHead:
     """What every request head to one upstream carries: computed once."""
 
-    __slots__ = ("name", "host_line", "credential", "credential_line", "prefix")
+    __slots__ = ("name", "host_line", "credential", "credential_line", "prefix", "first_attempt_headers")
 
     def __init__(self, spec: UpstreamSpec) -> None:
         self.name = spec.name.encode("ascii")  # x-pyproxy-upstream
@@ -169,6 +164,8 @@ class UpstreamHead:
         self.credential = spec.credential_header()
         self.credential_line = b"%s: %s\r\n" % self.credential if self.credential is not None else b""
         self.prefix = spec.upstream.prefix
+        # What a response answered at the first attempt says (--upstream-headers).
+        self.first_attempt_headers = ((b"x-pyproxy-upstream", self.name), (b"x-pyproxy-attempts", b"1"))
 
 
 class Run:
@@ -228,23 +225,30 @@ def _exchange_class() -> Any:
                 elif not done.done():
                     done.set_exception(RetryableStatus(head.status))
                 return
-            if head.status < 400:  # the common case, recorded here (see retry_on_response)
+            status = head.status
+            if status < 400:  # the common case, recorded here (see retry_on_response)
                 state = attempt.state
                 observe_latency(state, ttfb, gateway.loop.time())
                 state.failures = 0
-                label = _STATUS_LABELS.get(head.status) or str(head.status)
-                state.requests[label] = state.requests.get(label, 0) + 1
-                state.attempts["success"] = state.attempts.get("success", 0) + 1
+                label = _STATUS_LABELS.get(status) or str(status)
+                requests = state.requests
+                requests[label] = requests.get(label, 0) + 1
+                state.successes += 1
             self.response_started = True
             client = self.client
             client.upstream_ttfb = ttfb
             headers = client_response_headers(head.headers)
             if gateway.upstream_headers:
-                last = headers.pop() if headers and headers[-1][0] == b"content-length" else None
-                headers.append((b"x-pyproxy-upstream", gateway.heads[attempt.deployment.upstream].name))
-                headers.append((b"x-pyproxy-attempts", b"%d" % attempt.number))
-                if last is not None:
-                    headers.append(last)  # by contract the last header (see client_response_headers)
+                number = attempt.number
+                if number == 1:
+                    extra = gateway.heads[attempt.deployment.upstream].first_attempt_headers
+                else:
+                    extra = [(b"x-pyproxy-upstream", gateway.heads[attempt.deployment.upstream].name),
+                             (b"x-pyproxy-attempts", b"%d" % number)]  # fmt: skip
+                if headers and headers[-1][0] == b"content-length":
+                    headers[-1:-1] = extra  # it stays last, by contract (see client_response_headers)
+                else:
+                    headers += extra
             client.note_upstream(attempt.deployment.upstream, attempt.number)
             client.start_response(head.status, head.reason, headers)
             if client._write_paused:
@@ -252,8 +256,10 @@ def _exchange_class() -> Any:
 
         def on_end(self) -> None:
             super().on_end()
-            if self.done is None:
-                self.attempt.gateway.taskless_settled(self)
+            if self.done is None:  # taskless_settled, written out (every request ends here)
+                attempt = self.attempt
+                attempt.state.in_flight -= 1
+                attempt.gateway.requests_in_flight -= 1
 
         def on_error(self, exc: ProxyError) -> None:
             gateway = self.attempt.gateway
@@ -378,26 +384,30 @@ class Gateway:
         idle connection, without a task (as the one-upstream relay does); else, or on a
         failure to go again, through one task per request."""
         run = Run(request, sent)
-        spec = request.route.spec
-        request.retry_until = self.loop.time() + (spec.retry_deadline if spec is not None else DEFAULT_RETRY_DEADLINE)
-        if body.complete and self._start_taskless(handler, sink, run, body):
-            return
+        route = request.route
+        now = self.loop.time()
+        spec = route.spec
+        request.retry_until = now + (spec.retry_deadline if spec is not None else DEFAULT_RETRY_DEADLINE)
+        if body.complete:
+            deployment = choose(route.deployments, self.states, now, self.rng, uniform=route.uniform)
+            if deployment is not None and self._start_taskless(handler, sink, run, body, deployment):
+                return
         sink.task = sink.loop.create_task(self.run(handler, sink, run, body))
 
-    def _start_taskless(self, handler: "Handler", sink: Any, run: "Run", body: "RequestBody") -> bool:
-        request = run.request
-        deployment = choose(request.route.deployments, self.states, self.loop.time(), self.rng)
-        if deployment is None:
-            return False
+    def _start_taskless(
+        self, handler: "Handler", sink: Any, run: "Run", body: "RequestBody", deployment: Deployment
+    ) -> bool:
+        """The first attempt on an idle connection, if the deployment has one."""
         conn = self.pools[deployment.upstream].take_idle()
         if conn is None:
             return False
+        request = run.request
         attempt = self._begin(run, deployment)
         exchange = self._exchange(sink, conn, body, handler, None, run.sent, with_future=False)
         exchange.attempt = attempt
         exchange.run = run
         sink.exchange = exchange
-        whole = request.body_for(deployment)
+        whole = request.body_for(deployment) if request.route.renames else request.whole
         head, chunked = request.head_for(self.heads[deployment.upstream], whole)
         try:
             conn.start_exchange(
@@ -467,7 +477,7 @@ class Gateway:
         route = request.route
         while True:
             now = self.loop.time()
-            deployment = choose(route.deployments, self.states, now, self.rng, run.tried)
+            deployment = choose(route.deployments, self.states, now, self.rng, run.tried, route.uniform)
             if deployment is None:
                 if run.last_error is not None:
                     raise run.last_error
@@ -697,7 +707,7 @@ class Gateway:
         return {
             name: {
                 "requests": dict(state.requests),
-                "attempts": dict(state.attempts),
+                "attempts": state.attempt_counts(),
                 "ejections": state.ejections,
                 "up": 1 if state.up(now) else 0,
                 "in_flight": state.in_flight,

@@ -24,6 +24,7 @@ class UpstreamState:
         "recent_errors",
         "requests",
         "attempts",
+        "successes",
         "ejections",
         "checked_ok",
     )
@@ -42,6 +43,7 @@ class UpstreamState:
         # counters for the metrics: by status, by attempt outcome
         self.requests: Dict[str, int] = {}
         self.attempts: Dict[str, int] = {}
+        self.successes = 0  # attempts whose outcome was "success": an int on the hot path
         self.ejections = 0
         self.checked_ok: Optional[bool] = None  # the active check's last verdict
 
@@ -59,6 +61,13 @@ class UpstreamState:
 
     def count(self, table: Dict[str, int], label: str) -> None:
         table[label] = table.get(label, 0) + 1
+
+    def attempt_counts(self) -> Dict[str, int]:
+        """Attempts by outcome (the metrics' ``outcome`` label)."""
+        counts = dict(self.attempts)
+        if self.successes:
+            counts["success"] = counts.get("success", 0) + self.successes
+        return counts
 
     def describe(self, now: float, wall_offset: float) -> Dict[str, Any]:
         """The admin view. ``wall_offset`` turns the monotonic times into epoch seconds."""

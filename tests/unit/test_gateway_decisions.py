@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import pytest
 
 from pyproxy.config import ConfigError, build_settings
 from pyproxy.gateway import outlier
-from pyproxy.gateway.balancer import DEFAULT_RTT, choose, cost, observe_latency, soonest_recovery
+from pyproxy.gateway.balancer import (
+    DEFAULT_RTT,
+    _two_by_weight,
+    choose,
+    cost,
+    is_uniform,
+    observe_latency,
+    soonest_recovery,
+)
 from pyproxy.gateway.config import Deployment, Secret
 from pyproxy.gateway.models import (
     BY_MODEL,
@@ -273,6 +281,42 @@ def test_p2c_follows_weights_when_loads_are_equal() -> None:
     # Equal cost per weight unit: the cheaper of two is the heavier one, a wins more than its 2/4.
     assert counts["a"] > counts["b"] + counts["c"]
     assert counts["b"] > 200 and counts["c"] > 200  # each still gets traffic
+
+
+def test_equal_weights_draw_every_ordered_pair_of_distinct_deployments_alike() -> None:
+    deps = [Deployment("a"), Deployment("b"), Deployment("c")]
+    rng = random.Random(5)
+    pairs: Dict[Tuple[str, str], int] = {}
+    for _ in range(6000):
+        first, second = _two_by_weight(deps, rng)
+        pairs[(first.upstream, second.upstream)] = pairs.get((first.upstream, second.upstream), 0) + 1
+    assert all(a != b for a, b in pairs)
+    assert len(pairs) == 6 and all(800 < n < 1200 for n in pairs.values())  # 1000 each expected
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_the_draw_two_first_path_decides_as_the_full_pass_does(uniform: bool) -> None:
+    st = states("a", "b", "c")
+    deps = [Deployment("a"), Deployment("b"), Deployment("c")]
+    assert is_uniform(deps) and not is_uniform(deps[:1])
+    assert not is_uniform([Deployment("a"), Deployment("b", weight=2)])
+    assert not is_uniform([Deployment("a"), Deployment("b", priority=1)])
+    rng = random.Random(6)
+
+    def shares() -> Dict[str, int]:
+        counts = {"a": 0, "b": 0, "c": 0}
+        for _ in range(3000):
+            counts[choose(deps, st, 0.0, rng, uniform=uniform).upstream] += 1
+        return counts
+
+    assert all(800 < n < 1200 for n in shares().values())  # equal loads: a third each
+    st["a"].in_flight = 5
+    assert shares()["a"] == 0  # the busiest of three is never the cheaper of two
+    st["a"].in_flight = 0
+    st["b"].ejected_until = 10.0
+    counts = shares()
+    assert counts["b"] == 0 and 1250 < counts["a"] < 1750  # the other two share it
+    assert choose(deps, st, 0.0, rng, tried=["a"], uniform=uniform).upstream == "c"
 
 
 def test_p2c_prefers_less_loaded_and_faster_deployments() -> None:
