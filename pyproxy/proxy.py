@@ -7,18 +7,22 @@ import logging
 import socket
 import time
 from time import perf_counter
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
 from pyproxy._compat import is_uvloop
 from pyproxy.accesslog import AccessLog
 from pyproxy.admin import AdminServer, AdminSource
 from pyproxy.cache.layer import Cache
+from pyproxy.cache.policy import invalidated_targets
 from pyproxy.config import ConfigError, Settings
 from pyproxy.dedup import Coalescer
+from pyproxy.errors import BadRequest
 from pyproxy.gateway.probe import GatewayChecks
 from pyproxy.gateway.relay import Gateway
 from pyproxy.handler import Handler
 from pyproxy.health import UpstreamProbe
+from pyproxy.http.headers import to_origin_form
+from pyproxy.http.messages import RequestHead
 from pyproxy.metrics import RequestMetrics, snapshot
 from pyproxy.routing import Endpoints
 from pyproxy.server.protocol import BufferedClientConnection, ClientConnection
@@ -116,6 +120,24 @@ class Proxy:
     def port(self) -> int:
         assert self._server is not None and self._server.sockets
         return self._server.sockets[0].getsockname()[1]
+
+    def unsafe_answered(self, request: RequestHead, status: int, headers: Sequence[Tuple[bytes, bytes]]) -> None:
+        """A response to an unsafe method is starting (the cache is on): RFC 9111 §4.4
+        invalidation. A method a cache rule stores (POST to a chat completion, keyed
+        by its body) is a read by the operator's word: it does not invalidate the
+        entries it is stored among -- else every miss would empty its own path."""
+        if not 200 <= status < 400 or self.cache is None:
+            return
+        try:
+            target = to_origin_form(request.target)
+        except BadRequest:  # pragma: no cover - refused before any response
+            return
+        if self.handler.router.stores(request.method, request.target):
+            return
+        host = next((v for n, v in request.headers if n == b"host"), b"")
+        targets = invalidated_targets(request.method, status, target, host, b"http", headers)
+        if targets:
+            self.cache.invalidate(targets)
 
     def request_done(self, client: ClientConnection, status: int) -> None:
         """Once per request, when its response ended (or could not be completed)."""

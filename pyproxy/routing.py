@@ -145,6 +145,13 @@ class Router:
     def active(self) -> bool:
         return bool(self.methods)
 
+    def stores(self, method: bytes, raw_target: bytes) -> bool:
+        """Whether a cache rule covers this method and path (its ``when`` aside)."""
+        route = self._routes.get((method, raw_target))
+        if route is None:
+            route = self._route(method, raw_target)
+        return route[1] is not None
+
     def plan(self, request: "RequestHead", has_body: bool) -> Optional[Plan]:
         method = request.method
         if method not in self.methods:

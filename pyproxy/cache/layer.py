@@ -184,6 +184,13 @@ class Cache:
     ) -> Recording:
         return Recording(self, key, method, rule, request_headers)
 
+    def invalidate(self, targets: Sequence[bytes]) -> None:
+        """RFC 9111 §4.4: an unsafe request was answered without error; what is stored
+        for its target (and same-origin Location / Content-Location) goes, for every
+        caller -- and, through Redis, in every instance."""
+        log.debug("invalidating %r", targets)
+        self.store.invalidate(targets)
+
     # --- operations ------------------------------------------------------------------
 
     async def purge(self, path: Optional[bytes] = None, prefix: Optional[bytes] = None) -> int:

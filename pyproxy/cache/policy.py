@@ -4,15 +4,16 @@ a stored response may be used. No I/O and no clock of its own: callers pass ``no
 pyproxy stores only responses with *explicit* freshness (``s-maxage``,
 ``max-age``, ``Expires``) or a TTL from an operator's rule; it never applies
 heuristic freshness (§4.2.2). It does not revalidate with conditional
-requests: where the RFC requires validation, pyproxy fetches anew.
+requests: where the RFC requires validation, pyproxy fetches anew. An unsafe
+request's answer invalidates (§4.4): ``invalidated_targets`` says what.
 """
 
 from __future__ import annotations
 
-import calendar
-from email.utils import parsedate_to_datetime
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from pyproxy.http.dates import parse_http_date
+from pyproxy.http.messages import SAFE_METHODS
 from pyproxy.rules import Rule
 
 Header = Tuple[bytes, bytes]
@@ -75,40 +76,50 @@ def delta_seconds(value: Optional[bytes]) -> Optional[int]:
     return min(int(value), _DELTA_MAX)
 
 
-_MONTHS = {m: i + 1 for i, m in enumerate(b"Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split())}
+def age_seconds(value: Optional[bytes]) -> Optional[int]:
+    """The Age a response carries: 0 without one; None when invalid. §5.1: of a list
+    (``Age: 7200, 0``, or two Age fields, joined as one) the first member counts."""
+    if value is None:
+        return 0
+    return delta_seconds(value.split(b",", 1)[0])
 
 
-def parse_http_date(value: bytes) -> Optional[float]:
-    """RFC 9110 §5.6.7 (IMF-fixdate, and the obsolete RFC 850 / asctime forms) to epoch seconds."""
-    # IMF-fixdate, what nearly every server sends: "Sun, 06 Nov 1994 08:49:37 GMT".
-    if len(value) == 29 and value[3:5] == b", " and value[25:] == b" GMT":
-        month = _MONTHS.get(value[8:11])
-        try:
-            if month is not None:
-                return float(
-                    calendar.timegm(
-                        (
-                            int(value[12:16]),
-                            month,
-                            int(value[5:7]),
-                            int(value[17:19]),
-                            int(value[20:22]),
-                            int(value[23:25]),
-                        )
-                    )
-                )
-        except ValueError:
-            pass
+_LOCATION_FIELDS = (b"location", b"content-location")
+
+
+def invalidated_targets(
+    method: bytes, status: int, target: bytes, host: bytes, scheme: bytes, response_headers: Sequence[Header]
+) -> List[bytes]:
+    """§4.4: the origin-form targets a response invalidates -- a non-error answer (2xx,
+    3xx) to an unsafe method invalidates its target URI, and the Location and
+    Content-Location URIs when they are of the same origin (a cache MUST NOT
+    invalidate another origin's on the say-so of this one)."""
+    if method in SAFE_METHODS or not 200 <= status < 400:
+        return []
+    targets = [target]
+    for name, value in response_headers:
+        if name in _LOCATION_FIELDS:
+            other = same_origin_target(value, host, scheme, target)
+            if other is not None and other not in targets:
+                targets.append(other)
+    return targets
+
+
+def same_origin_target(reference: bytes, host: bytes, scheme: bytes, base: bytes) -> Optional[bytes]:
+    """A URI reference (RFC 3986 §5, relative to ``base``) as an origin-form target, if
+    it names the request's own origin; else None."""
+    from urllib.parse import urljoin, urlsplit
+
     try:
-        parsed = parsedate_to_datetime(value.decode("latin-1"))
-    except (TypeError, ValueError, IndexError, OverflowError):
+        origin = scheme.decode("ascii") + "://" + host.decode("ascii")
+        resolved = urlsplit(urljoin(origin + base.decode("latin-1"), reference.strip().decode("latin-1")))
+        expected = urlsplit(origin)
+    except (UnicodeDecodeError, ValueError):
         return None
-    if parsed is None:  # pragma: no cover - older Pythons returned None
+    if (resolved.scheme, resolved.netloc.lower()) != (expected.scheme, expected.netloc.lower()):
         return None
-    try:
-        return parsed.timestamp()
-    except (OverflowError, ValueError, OSError):  # pragma: no cover
-        return None
+    path = resolved.path or "/"
+    return (path + ("?" + resolved.query if resolved.query else "")).encode("latin-1")
 
 
 def field_values(headers: Sequence[Header], name: bytes) -> List[bytes]:
@@ -227,7 +238,7 @@ class _ResponseFields:
                         self.date = value
                 elif name == b"age":
                     if self.age is None:
-                        self.age = value
+                        self.age = value  # the first field: its first member counts (§5.1)
                 elif self.content_type is None:
                     self.content_type = value
 
@@ -299,10 +310,12 @@ def decide_storage(
         lifetime = rule.ttl
     # §4.2.3: the larger of what the Date implies and the Age the upstream sent
     # plus the time the response took to come (it aged on the way).
-    age_value = delta_seconds(fields.age) or 0
+    age_value = age_seconds(fields.age)
     apparent_age = max(0.0, now - date) if date is not None else 0.0
     response_delay = max(0.0, now - request_time) if request_time is not None else 0.0
-    initial_age = max(apparent_age, age_value + response_delay)
+    initial_age = max(apparent_age, (age_value or 0) + response_delay)
+    if age_value is None:  # §5.1: an invalid Age -- the response is stale
+        initial_age = max(initial_age, float(lifetime))
 
     if b"must-revalidate" in cc or b"proxy-revalidate" in cc or b"s-maxage" in cc:
         swr = sie = 0.0  # §5.2.2.2, §5.2.2.8, §5.2.2.10: never served stale

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Optional, Set, Union
+from typing import Any, List, Optional, Sequence, Set, Union
 
 from pyproxy.cache.entry import CachedResponse
-from pyproxy.cache.store import NEED_AWAIT, CacheStats, purge_matches
+from pyproxy.cache.store import NEED_AWAIT, CacheStats, key_target, purge_matches
 
 log = logging.getLogger("pyproxy.cache")
 
@@ -24,6 +24,34 @@ MAX_PENDING_WRITES = 64
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 5.0
 _GLOB_SPECIAL = frozenset(b"*?[]\\")
+
+
+# Per target, a set of the keys stored for it (every caller, method, body): what an
+# unsafe request's answer invalidates (RFC 9111 §4.4), in every instance at once.
+INDEX = b"pyproxy:t:"
+# Stored with the entry, in one round trip. The index lives as long as its longest
+# entry; past INDEX_PRUNE_ABOVE members, a sample of members whose entries expired
+# is dropped on each write, so a busy target's index stays near its live entries.
+INDEX_PRUNE_ABOVE = 1024
+_PUT_SCRIPT = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SADD', KEYS[2], KEYS[1])
+if redis.call('SCARD', KEYS[2]) > tonumber(ARGV[3]) then
+  for _, k in ipairs(redis.call('SRANDMEMBER', KEYS[2], 64)) do
+    if redis.call('EXISTS', k) == 0 then redis.call('SREM', KEYS[2], k) end
+  end
+end
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+"""
+# The entries of each index named, and the index; their number.
+_INVALIDATE_SCRIPT = """
+local removed = 0
+for _, index in ipairs(KEYS) do
+  for _, k in ipairs(redis.call('SMEMBERS', index)) do removed = removed + redis.call('UNLINK', k) end
+  redis.call('UNLINK', index)
+end
+return removed
+"""
 
 
 def glob_escape(data: bytes) -> bytes:
@@ -53,6 +81,8 @@ class RedisStore:
         self._down_until = 0.0
         self._backoff = BACKOFF_MIN
         self._writes: Set["asyncio.Task[None]"] = set()
+        self._put_script = self._client.register_script(_PUT_SCRIPT)
+        self._invalidate_script = self._client.register_script(_INVALIDATE_SCRIPT)
 
     # --- the circuit ---------------------------------------------------------------------
 
@@ -104,7 +134,7 @@ class RedisStore:
         if not self.available or len(self._writes) >= MAX_PENDING_WRITES:
             return False
         ttl_ms = max(1000, int(entry.remaining(self._clock()) * 1000))
-        task = self._loop.create_task(self._put(NAMESPACE + key, entry.to_bytes(), ttl_ms))
+        task = self._loop.create_task(self._put(key, entry.to_bytes(), ttl_ms))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
         return True
@@ -113,14 +143,34 @@ class RedisStore:
         """Entries read from Redis belong to one response and are freed with it."""
 
     async def _put(self, key: bytes, value: bytes, ttl_ms: int) -> None:
+        keys = [NAMESPACE + key, INDEX + key_target(key)]
         try:
-            await asyncio.wait_for(self._client.set(key, value, px=ttl_ms), self.timeout)
+            await asyncio.wait_for(self._put_script(keys, [value, ttl_ms, INDEX_PRUNE_ABOVE]), self.timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._failed("write", exc)
         else:
             self._succeeded()
+
+    def invalidate(self, targets: Sequence[bytes]) -> None:
+        """RFC 9111 §4.4, for every instance sharing this Redis: in the background, like
+        writes. Not bounded by the circuit: a write that cannot be undone later is the
+        one invalidation that must be tried (its failure is counted and logged)."""
+        task = self._loop.create_task(self._invalidate([INDEX + t for t in targets]))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _invalidate(self, indexes: List[bytes]) -> None:
+        try:
+            removed = await asyncio.wait_for(self._invalidate_script(indexes, []), self.timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed("invalidation", exc)
+        else:
+            self._succeeded()
+            self.stats.invalidations += int(removed)
 
     async def purge(self, path: Optional[bytes] = None, prefix: Optional[bytes] = None) -> int:
         """SCAN for the namespace (and path) prefix, delete in batches. Errors propagate:

@@ -4,15 +4,17 @@ Every store has the same interface, so the cache layer never knows which it
 has: ``get_now`` answers at once when it can (memory) and returns
 ``NEED_AWAIT`` when it cannot (Redis), ``get`` is the awaitable form, ``put``
 never blocks, ``grew`` accounts for bytes an entry made after it was stored (its
-gzip form), and ``purge`` removes by path, by key prefix, or everything.
+gzip form), ``purge`` removes by path, by key prefix, or everything, and
+``invalidate`` removes what is stored for given targets (RFC 9111 §4.4).
 
-Keys begin with the request target, so a purge by path or prefix needs no index.
+Keys begin with the request target, so a purge by path or prefix needs no index;
+invalidation, which runs after every unsafe request, keeps one per target.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Union
+from typing import Dict, Optional, Sequence, Set, Union
 
 from pyproxy.cache.entry import CachedResponse
 
@@ -31,6 +33,7 @@ class CacheStats:
         "evictions",
         "too_large",
         "errors",
+        "invalidations",
         "refreshes",
         "stale_if_error",
         "entries",
@@ -51,6 +54,12 @@ def key_path(key: bytes) -> bytes:
     target = key if end < 0 else key[:end]
     query = target.find(b"?")
     return target if query < 0 else target[:query]
+
+
+def key_target(key: bytes) -> bytes:
+    """The origin-form target a key was made for (path and query; see request_key)."""
+    end = key.find(b"\x00")
+    return key if end < 0 else key[:end]
 
 
 def purge_matches(key: bytes, path: Optional[bytes], prefix: Optional[bytes]) -> bool:
@@ -78,6 +87,9 @@ class MemoryStore:
         self._clock = clock
         self._entries: "OrderedDict[bytes, CachedResponse]" = OrderedDict()
         self._bytes = 0
+        # The keys stored for each target (every caller, method and body): what an
+        # unsafe request's answer invalidates (RFC 9111 §4.4), found without a scan.
+        self._by_target: Dict[bytes, Set[bytes]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -111,6 +123,11 @@ class MemoryStore:
             self._evict_oldest()
         entries[key] = entry
         entry.store_key = key
+        target = key_target(key)
+        keys = self._by_target.get(target)
+        if keys is None:
+            keys = self._by_target[target] = set()
+        keys.add(key)
         self._bytes += size
         self._update_gauges()
         return True
@@ -130,7 +147,23 @@ class MemoryStore:
     def _evict_oldest(self) -> None:
         old_key, old = self._entries.popitem(last=False)
         self._bytes -= old.size + len(old_key)
+        self._unindex(old_key)
         self.stats.evictions += 1
+
+    def _unindex(self, key: bytes) -> None:
+        target = key_target(key)
+        keys = self._by_target.get(target)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_target[target]
+
+    def invalidate(self, targets: Sequence[bytes]) -> None:
+        """RFC 9111 §4.4: drop what is stored for these targets, under every caller."""
+        for target in targets:
+            for key in list(self._by_target.get(target, ())):
+                self._remove(key)
+                self.stats.invalidations += 1
 
     async def purge(self, path: Optional[bytes] = None, prefix: Optional[bytes] = None) -> int:
         doomed = [k for k in self._entries if purge_matches(k, path, prefix)]
@@ -140,12 +173,14 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._entries.clear()
+        self._by_target.clear()
         self._bytes = 0
         self._update_gauges()
 
     def _remove(self, key: bytes) -> None:
         old = self._entries.pop(key)
         self._bytes -= old.size + len(key)
+        self._unindex(key)
         self._update_gauges()
 
     def _update_gauges(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import FrozenSet, Optional, Sequence
 
 from pyproxy.gateway.state import UpstreamState
+from pyproxy.http.dates import parse_http_date
 
 CONSECUTIVE_FAILURES = 5
 EJECTION_BASE = 30.0  # seconds, times the number of ejections so far
@@ -120,12 +121,7 @@ def parse_retry_after(value: Optional[bytes], wall_now: float) -> Optional[float
     text = value.strip()
     if text.isdigit():
         return float(int(text))
-    from email.utils import parsedate_to_datetime
-
-    try:
-        when = parsedate_to_datetime(text.decode("latin-1"))
-    except (TypeError, ValueError, IndexError):
-        return None
+    when = parse_http_date(text, wall_now)
     if when is None:
         return None
-    return max(0.0, when.timestamp() - wall_now)
+    return max(0.0, when - wall_now)

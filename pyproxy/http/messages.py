@@ -6,6 +6,9 @@ from typing import List, Tuple
 
 Header = Tuple[bytes, bytes]
 
+# RFC 9110 §9.2.1: the safe methods. Any other (unknown ones included) is unsafe.
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+
 
 class RequestHead:
     """A request head: names lowercased, values stripped (as h11 reports them)."""

@@ -47,7 +47,7 @@ from pyproxy.http.fastpath import (
     serialize_response_head,
 )
 from pyproxy.http.headers import RequestFraming, request_framing
-from pyproxy.http.messages import RequestHead
+from pyproxy.http.messages import SAFE_METHODS, RequestHead
 from pyproxy.server.body import RequestBody
 from pyproxy.server.flow import BODY_BUFFER_FULL, PIPELINE_WAIT, ReadGate
 from pyproxy.sink import ClientGone, abandon
@@ -162,6 +162,7 @@ class ClientConnection(asyncio.Protocol):
         "dedup_status",
         "upstream_name",
         "attempts",
+        "unsafe_request",
         "_observing",
         "accepts_gzip",
         "_gzip",
@@ -208,6 +209,7 @@ class ClientConnection(asyncio.Protocol):
         self.dedup_status = b"-"
         self.upstream_name = ""  # the gateway's upstream that answered ("" : none, or the one --upstream)
         self.attempts = 0
+        self.unsafe_request: Optional[RequestHead] = None
         self._observing = False
         self.accepts_gzip = False  # the current request's client takes gzip (and it is on)
         self._gzip: Optional[GzipStream] = None
@@ -420,6 +422,8 @@ class ClientConnection(asyncio.Protocol):
         self.cache_status = self.dedup_status = b"-"
         self.upstream_name = ""
         self.attempts = 0
+        # An unsafe request's answer may invalidate cached entries (RFC 9111 §4.4).
+        self.unsafe_request = request if self.proxy.cache is not None and request.method not in SAFE_METHODS else None
         self._observing = True
         settings = self.proxy.settings
         self.accepts_gzip = settings.gzip and request.method != b"HEAD" and accepts_gzip(request.headers)
@@ -468,6 +472,8 @@ class ClientConnection(asyncio.Protocol):
         chunked); see client_response_headers and error_response_parts."""
         self.response_started = True
         self.resp_status = status
+        if self.unsafe_request is not None:
+            self.proxy.unsafe_answered(self.unsafe_request, status, headers)
         if self.closed:
             return
         if self.accepts_gzip:

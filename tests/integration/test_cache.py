@@ -425,3 +425,57 @@ async def test_post_bodies_over_the_key_limit_are_relayed_plainly() -> None:
         assert hits(origin, b"/v1/embeddings") == 2
         small = [await request(proxy.port, b"POST", b"/v1/embeddings", body=b'{"a": 1}') for _ in range(2)]
         assert [r.header(b"x-cache") for r in small] == [b"MISS", b"HIT"]
+
+
+async def test_unsafe_requests_invalidate_their_target_and_same_origin_locations() -> None:
+    """RFC 9111 §4.4: a non-error answer to an unsafe method invalidates the target URI
+    under every caller, and Location / Content-Location when of the same origin; an
+    error answer, another origin's URI or a path a cache rule stores for that method
+    (a chat completion keyed by its body) invalidate nothing."""
+    async with Origin() as origin:
+
+        @origin.route(b"/items")
+        async def items(req: Received, reply: Reply) -> None:
+            if req.method == b"GET":
+                body = json.dumps({"n": hits(origin, b"/items")}).encode()
+                await reply.full(200, body, [(b"cache-control", b"public, max-age=600")])
+            else:
+                await reply.full(int(req.header(b"x-status") or b"201"), b"done")
+
+        @origin.route(b"/other")
+        async def other(req: Received, reply: Reply) -> None:
+            location = req.header(b"x-location")
+            await reply.full(200, b"ok", [(req.header(b"x-field") or b"location", location)] if location else [])
+
+        add_counting_route(origin, b"/chat", [])
+        callers = [[(b"authorization", b"Bearer sk-one")], [(b"authorization", b"Bearer sk-two")]]
+        chat_rule = rule(b"/chat", methods=(b"POST",), ttl=600.0)
+        async with running_proxy(origin.url, cache_rules=(chat_rule,)) as proxy:
+
+            async def statuses() -> List[bytes]:
+                return [(await request(proxy.port, b"GET", b"/items", c)).header(b"x-cache") for c in callers]
+
+            async def send(method: bytes, target: bytes, headers: Headers) -> None:
+                assert (await request(proxy.port, method, target, headers, b"{}")).status < 600
+
+            assert await statuses() == [b"MISS", b"MISS"]
+            assert await statuses() == [b"HIT", b"HIT"]
+            await send(b"POST", b"/items", [(b"x-status", b"500")])  # an error: nothing changed
+            await send(b"DELETE", b"/other", [(b"x-location", b"http://elsewhere.example/items")])
+            # A POST a cache rule stores is a read, by the operator's word: another body's
+            # miss on that path leaves the stored completions there.
+            chat = [(b"content-type", b"application/json")]
+            assert (await request(proxy.port, b"POST", b"/chat", chat, b'{"q": 1}')).header(b"x-cache") == b"MISS"
+            assert (await request(proxy.port, b"POST", b"/chat", chat, b'{"q": 2}')).header(b"x-cache") == b"MISS"
+            assert (await request(proxy.port, b"POST", b"/chat", chat, b'{"q": 1}')).header(b"x-cache") == b"HIT"
+            assert await statuses() == [b"HIT", b"HIT"]
+            await send(b"PATCH", b"/other", [(b"x-location", b"/items"), (b"x-field", b"content-location")])
+            assert await statuses() == [b"MISS", b"MISS"]  # the same origin's Content-Location
+            await send(b"PUT", b"/other", [(b"x-location", b"items")])  # relative to /other
+            assert await statuses() == [b"MISS", b"MISS"]
+            await send(b"MKCOL", b"/items", [])  # a method not known to be safe is unsafe
+            assert await statuses() == [b"MISS", b"MISS"]
+            await send(b"POST", b"/items", [])
+            assert await statuses() == [b"MISS", b"MISS"]
+            assert sum(1 for r in origin.requests if r.method == b"GET" and r.target == b"/items") == 10
+            assert proxy.cache is not None and proxy.cache.stats.invalidations == 8

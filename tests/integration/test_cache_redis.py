@@ -25,8 +25,12 @@ def models_hits(origin: Origin) -> int:
 
 
 async def redis_keys(server: RedisServer) -> int:
-    reply = await server.command(b"DBSIZE")
-    return int(reply[1:])
+    """Cache entries in Redis (not the per-target invalidation indexes beside them)."""
+    client = redis.asyncio.Redis.from_url(server.url)
+    try:
+        return len(await client.keys(NAMESPACE + b"*"))
+    finally:
+        await (client.aclose() if hasattr(client, "aclose") else client.close())
 
 
 async def test_two_proxies_share_one_cache() -> None:
@@ -163,3 +167,39 @@ async def wait_until_async(probe, expected: int, timeout: float = 5.0) -> None: 
         if loop.time() > deadline:
             raise AssertionError(f"redis did not reach {expected} keys within {timeout} s")
         await asyncio.sleep(0.01)
+
+
+async def test_an_unsafe_request_through_one_proxy_invalidates_for_every_proxy_and_caller() -> None:
+    """RFC 9111 §4.4 through Redis: a POST answered 201 via B removes what A stored for
+    its target, under every caller (test_cache.py has the rest of §4.4, in memory)."""
+    async with RedisServer() as server, Origin() as origin:
+
+        @origin.route(b"/items")
+        async def items(req: Received, reply: Reply) -> None:
+            if req.method == b"GET":
+                await reply.full(200, b"[1, 2]", [(b"cache-control", b"public, max-age=600")])
+            elif req.header(b"x-fail"):
+                await reply.full(500, b"no")
+            else:
+                await reply.full(201, b"created")
+
+        callers = [[(b"authorization", b"Bearer sk-one")], [(b"authorization", b"Bearer sk-two")]]
+        async with (
+            running_proxy(origin.url, cache_backend=server.url) as a,
+            running_proxy(origin.url, cache_backend=server.url) as b,
+        ):
+            for caller in callers:
+                assert (await request(a.port, b"GET", b"/items", caller)).header(b"x-cache") == b"MISS"
+            await wait_until_async(lambda: redis_keys(server), 2)
+            for caller in callers:
+                assert (await request(b.port, b"GET", b"/items", caller)).header(b"x-cache") == b"HIT"
+            created = await request(b.port, b"POST", b"/items", [], b"{}")
+            assert created.status == 201
+            # The invalidation runs in the background, like writes: wait for it to land.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            while await redis_keys(server) > 0:
+                assert loop.time() < deadline, "the invalidation never reached Redis"
+                await asyncio.sleep(0.01)
+            for caller in callers:
+                assert (await request(a.port, b"GET", b"/items", caller)).header(b"x-cache") == b"MISS"

@@ -242,3 +242,18 @@ async def test_memory_store_purge() -> None:
     assert await store.purge(prefix=b"/v2/") == 2
     assert len(store) == 1
     assert await store.purge() == 1 and len(store) == 0
+
+
+def test_memory_store_invalidates_a_target_under_every_caller_and_keeps_no_index_for_the_gone() -> None:
+    stats = CacheStats()
+    store = MemoryStore(max_bytes=10_000, max_entries=3, stats=stats, clock=lambda: 1.0)
+    for caller in (b"one", b"two"):
+        store.put(request_key(b"/a", b"GET", caller), entry(10))
+    store.put(request_key(b"/a?q", b"GET", b"one"), entry(10))
+    store.invalidate([b"/a"])
+    assert len(store) == 1 and stats.invalidations == 2  # /a?q is another target (RFC 9111 §4.4)
+    for i in range(5):  # evictions leave no index behind
+        store.put(request_key(b"/e%d" % i, b"GET", b"one"), entry(10))
+    assert len(store) == 3 and len(store._by_target) == 3
+    store.invalidate([b"/e4", b"/nothing"])
+    assert len(store) == 2 and len(store._by_target) == 2 and stats.invalidations == 3

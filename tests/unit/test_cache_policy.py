@@ -57,6 +57,47 @@ STORAGE_CASES = [
         "",
     ),
     ("invalid Expires is expired (§5.3)", b"GET", 200, [], [(b"expires", b"0")], None, None, "already stale"),
+    # §5.3 with RFC 9110 §5.6.7: only the three date grammars are dates; the rest is
+    # invalid, so expired -- however plausible a lenient parser finds it.
+    *[
+        (
+            f"Expires {bad!r} is invalid, so expired (§5.3)",
+            b"GET",
+            200,
+            [],
+            [(b"expires", bad)],
+            None,
+            None,
+            "already stale",
+        )
+        for bad in (
+            date(3600).replace(b"GMT", b"UTC"),  # another zone
+            date(3600)[:12] + date(3600)[14:],  # a two-digit year
+            date(3600).replace(b",", b""),  # no comma
+            date(3600)[:7] + b"-" + date(3600)[8:11] + b"-" + date(3600)[12:],  # dashes
+            date(3600).replace(b":", b"."),  # . between the time's fields
+        )
+    ],
+    (
+        "Age with a list: the first member counts (§5.1)",
+        b"GET",
+        200,
+        [],
+        [(b"cache-control", b"max-age=3600"), (b"age", b"7200, 0")],
+        None,
+        None,
+        "already stale",
+    ),
+    (
+        "an invalid Age makes the response stale (§5.1)",
+        b"GET",
+        200,
+        [],
+        [(b"cache-control", b"max-age=3600"), (b"age", b"soon")],
+        None,
+        None,
+        "already stale",
+    ),
     (
         "no explicit freshness: no heuristics",
         b"GET",
@@ -402,3 +443,26 @@ def test_event_stream_entries_keep_event_boundaries() -> None:
     entry = make_entry([(b"content-type", b"text/event-stream")], body, stream=True)
     assert entry.wire == b"9\r\ndata: a\n\n\r\nb\r\ndata: b\r\n\r\n\r\nf\r\nid: 3\ndata: c\n\n\r\n0\r\n\r\n"
     assert b"transfer-encoding: chunked" in entry.response_head(b"HIT", 0, close=False)
+
+
+@pytest.mark.parametrize(
+    "method, status, headers, expected",
+    [
+        (b"POST", 201, [], [b"/a/b?x=1"]),  # §4.4: the target URI
+        (b"DELETE", 204, [], [b"/a/b?x=1"]),
+        (b"MKCOL", 200, [], [b"/a/b?x=1"]),  # a method not known to be safe
+        (b"POST", 303, [], [b"/a/b?x=1"]),  # 3xx is not an error
+        (b"POST", 404, [], []),  # an error invalidates nothing
+        (b"POST", 500, [], []),
+        (b"GET", 200, [], []),  # safe methods (RFC 9110 §9.2.1)
+        (b"OPTIONS", 200, [], []),
+        (b"PUT", 201, [(b"location", b"/c")], [b"/a/b?x=1", b"/c"]),
+        (b"PUT", 201, [(b"content-location", b"c?y=2")], [b"/a/b?x=1", b"/a/c?y=2"]),  # relative
+        (b"PUT", 201, [(b"location", b"http://Proxy.Test/d")], [b"/a/b?x=1", b"/d"]),  # host case-blind
+        (b"PUT", 201, [(b"location", b"http://other.test/d")], [b"/a/b?x=1"]),  # another origin
+        (b"PUT", 201, [(b"location", b"https://proxy.test/d")], [b"/a/b?x=1"]),  # another scheme
+        (b"PUT", 201, [(b"location", b"/a/b?x=1")], [b"/a/b?x=1"]),  # once
+    ],
+)
+def test_invalidation_after_unsafe_methods(method: bytes, status: int, headers: list, expected: list) -> None:
+    assert policy.invalidated_targets(method, status, b"/a/b?x=1", b"proxy.test", b"http", headers) == expected
