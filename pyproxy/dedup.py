@@ -38,6 +38,7 @@ from pyproxy.sink import abandon
 if TYPE_CHECKING:  # pragma: no cover
     import asyncio
 
+    from pyproxy.cache.entry import CachedResponse
     from pyproxy.cache.layer import Recording
     from pyproxy.server.protocol import ClientConnection
 
@@ -135,6 +136,7 @@ class Fetch:
         "_leader_headers",
         "upstream_ttfb",
         "_age_missing",
+        "revalidating",
     )
 
     def __init__(
@@ -173,6 +175,8 @@ class Fetch:
         self._leader_headers = leader_headers
         self.upstream_ttfb = -1.0  # set by the exchange, passed on to every subscriber
         self._age_missing = True
+        # The stale entry this fetch's conditional request was made from (RFC 9111 §4.3.1).
+        self.revalidating: Optional["CachedResponse"] = None
 
     @property
     def gone(self) -> bool:
@@ -257,6 +261,9 @@ class Fetch:
 
     def start_response(self, status: int, reason: bytes, headers: List[Header]) -> None:
         self.response_started = True
+        if status == 304 and self.revalidating is not None and self.recording is not None:
+            self._not_modified(headers)
+            return
         if status >= 500 and self.stale_fallback is not None and self.stale_fallback(self):
             self._diverted = True  # RFC 5861 §4: a stale entry instead of the 5xx
             self.joinable = False
@@ -286,6 +293,22 @@ class Fetch:
         for sub in self.subscribers:
             sub.client.upstream_ttfb = ttfb
             sub.client.start_response(status, reason, self._headers_for(sub))
+
+    def _not_modified(self, headers: List[Header]) -> None:
+        """§4.3.4: the stale entry is confirmed -- freshened and stored, and served to
+        every subscriber from its stored body; the 304 itself reaches nobody."""
+        from pyproxy.cache.layer import REVALIDATED
+
+        recording = self.recording
+        assert recording is not None and self.revalidating is not None
+        entry = recording.not_modified(self.revalidating, headers)
+        self._diverted = True
+        self.joinable = False
+        self.recording = None
+        self.coalescer.remove(self)
+        self._release()
+        for sub in self.take_subscribers():
+            recording.cache.serve(sub.client, entry, REVALIDATED, False)
 
     def send_data(self, data: bytes) -> None:
         if self._diverted:

@@ -26,6 +26,7 @@ from pyproxy.cache.layer import BYPASS, HIT, MISS, STALE, Cache
 from pyproxy.cache.policy import BYPASS as BYPASS_MODE
 from pyproxy.cache.policy import LOOKUP, REFETCH, only_if_cached
 from pyproxy.cache.store import NEED_AWAIT
+from pyproxy.cache.validation import conditional_headers, has_conditionals
 from pyproxy.dedup import X_DEDUP_FOLLOWER, Coalescer, Fetch
 from pyproxy.errors import (
     BadRequest,
@@ -132,6 +133,16 @@ class Keyed:
         gateway = handler.gateway
         if gateway is not None:  # the upstream is chosen per attempt: built now, serialized then
             self._outbound = handler.routed_request(client, request, framing, self._new_id)
+
+    def add_conditional(self, fields: List[Tuple[bytes, bytes]]) -> None:
+        """The validators of a stale entry, for the upstream request only (RFC 9111
+        §4.3.1): the plan keeps the client's own fields, which key and vary the entry."""
+        request = self.request
+        self.request = RequestHead(request.method, request.target, request.headers + fields, request.http_version)
+        if type(self._outbound) is RoutedRequest:
+            self._outbound.headers = self._outbound.headers + fields
+        else:
+            self._outbound = None  # built again, from the request with its validators
 
     def outbound(self) -> "AnyOutbound":
         if self._outbound is None:
@@ -416,18 +427,27 @@ class Handler:
     def _after_lookup(self, req: "Keyed", entry: Optional[CachedResponse]) -> None:
         cache = self.cache
         plan = req.plan
-        stale = None
+        stale = revalidate = None
         if cache is not None and plan.cache_mode == LOOKUP:
             state = cache.judge(entry, plan.headers) if entry is not None else None
             if state is FRESH:
+                if has_conditionals(plan.headers) and cache.answer_conditional(
+                    req.client,
+                    entry,  # type: ignore[arg-type]
+                    plan.method,
+                    plan.headers,
+                ):
+                    return
                 cache.serve(req.client, entry, HIT, plan.method == b"HEAD")  # type: ignore[arg-type]
                 return
             if state is STALE_WHILE_REVALIDATE:
                 cache.serve(req.client, entry, STALE, plan.method == b"HEAD")  # type: ignore[arg-type]
                 if plan.records:
-                    self._refresh(req)
+                    self._refresh(req, entry)  # type: ignore[arg-type]
                 return
             cache.stats.misses += 1  # nothing stored, or nothing usable for this request
+            if plan.records and cache.revalidatable(entry, plan.headers):
+                revalidate = entry
             if state is STALE_IF_ERROR:
                 stale = entry
             if only_if_cached(plan.headers):
@@ -435,9 +455,11 @@ class Handler:
                 # asked that the upstream not be contacted.
                 req.client.send_error(NotInCache("no stored response for this request (only-if-cached)"))
                 return
-        self._fetch(req, stale)
+        self._fetch(req, stale, revalidate)
 
-    def _fetch(self, req: "Keyed", stale: Optional[CachedResponse]) -> None:
+    def _fetch(self, req: "Keyed", stale: Optional[CachedResponse], revalidate: Optional[CachedResponse]) -> None:
+        """Fetch from the upstream (or join a fetch on its way); ``revalidate``: a stale
+        entry the request is made conditional on, served again if the answer is 304."""
         client, plan = req.client, req.plan
         coalescer = self.coalescer
         cache_header = _CACHE_HEADERS.get(plan.cache_mode)
@@ -461,16 +483,24 @@ class Handler:
         if plan.may_lead or plan.records:
             coalescer.add(fetch)
             coalescer.stats.leaders += plan.may_lead
+        if revalidate is not None:
+            req.add_conditional(conditional_headers(revalidate.headers))
+            fetch.revalidating = revalidate
         fetch.subscribe(client, [cache_header] if cache_header else [], plan.headers)
         self._dispatch(fetch, req.body, req.outbound(), req.chunks)
 
-    def _refresh(self, req: "Keyed") -> None:
-        """Stale-while-revalidate: one background fetch per key refreshes the entry."""
+    def _refresh(self, req: "Keyed", entry: CachedResponse) -> None:
+        """Stale-while-revalidate: one background fetch per key refreshes the entry --
+        conditionally, when it has a validator (a 304 costs the upstream no body)."""
         if self.coalescer.get(req.plan.key) is not None:
             return  # a fetch for this key is already on its way
-        assert self.cache is not None
-        self.cache.stats.refreshes += 1
+        cache = self.cache
+        assert cache is not None
+        cache.stats.refreshes += 1
         fetch = self._new_fetch(req, background=True, stale_fallback=None)
+        if cache.revalidatable(entry, req.plan.headers):
+            req.add_conditional(conditional_headers(entry.headers))
+            fetch.revalidating = entry
         self.coalescer.add(fetch)
         self._dispatch(fetch, req.body, req.outbound(), req.chunks)
 

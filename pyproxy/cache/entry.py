@@ -12,6 +12,7 @@ import struct
 from typing import List, Optional, Sequence, Tuple, Union
 
 from pyproxy._compat import json_dumps, json_loads
+from pyproxy.cache.validation import has_validator
 from pyproxy.http.compression import gzip_headers, gzip_whole, should_compress
 from pyproxy.http.fastpath import LAST_CHUNK, chunk_pieces, serialize_response_head
 
@@ -28,6 +29,9 @@ _LEN = struct.Struct(">I")
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # Per-entry bookkeeping counted against the memory bound besides the bytes themselves.
 ENTRY_OVERHEAD = 256
+# Seconds a stale entry with a validator is kept past its last window, for a
+# conditional request to make it fresh again (its body not sent twice).
+VALIDATION_KEEP = 600.0
 
 
 def split_events(body: bytes) -> List[bytes]:
@@ -60,6 +64,7 @@ class CachedResponse:
         "wire",
         "size",
         "store_key",
+        "validatable",
     )
 
     def __init__(
@@ -107,6 +112,9 @@ class CachedResponse:
         head_size = 16 + len(reason) + sum(len(n) + len(v) + 4 for n, v in headers) + 40
         self.size = head_size + len(self.wire) + len(body) * stream + ENTRY_OVERHEAD
         self.store_key: Optional[bytes] = None  # set by a memory store holding this entry
+        # With an ETag or Last-Modified, a stale entry is still worth its body: a 304
+        # makes it fresh again without the upstream sending it (RFC 9111 §4.3).
+        self.validatable = has_validator(headers)
 
     # --- age and state (RFC 9111 §4.2.3, §4.2; RFC 5861) --------------------------------
 
@@ -129,8 +137,12 @@ class CachedResponse:
         return self.age(now) - self.lifetime < max(self.stale_if_error, 0.0)
 
     def remaining(self, now: float) -> float:
-        """Seconds until the entry is of no use at all (fresh or any stale window)."""
-        return self.lifetime + max(self.stale_while_revalidate, self.stale_if_error) - self.age(now)
+        """Seconds until the entry is of no use at all: fresh, in a stale window, or
+        (with a validator) kept VALIDATION_KEEP longer to be revalidated."""
+        windows = max(self.stale_while_revalidate, self.stale_if_error)
+        if self.validatable:
+            windows += VALIDATION_KEEP
+        return self.lifetime + windows - self.age(now)
 
     def matches_vary(self, request_values: Tuple[bytes, ...]) -> bool:
         return self.vary_values == request_values

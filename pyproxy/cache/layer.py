@@ -7,7 +7,11 @@ the few stateful decisions between them, and the ``X-Cache`` statuses:
   stale-while-revalidate (one background refresh runs) or, when the upstream
   failed, within stale-if-error;
 - ``MISS``: fetched from the upstream (and stored if storable);
-- ``BYPASS``: the request said no-store, or asked for a range.
+- ``BYPASS``: the request said no-store, or asked for a range;
+- ``REVALIDATED``: a stale entry the upstream confirmed with a 304 (RFC 9111
+  §4.3.4: freshened, its headers updated, its body not sent again);
+- a 304 from pyproxy itself answers a client's own conditional request against a
+  fresh entry (§4.3.2).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, CachedResponse, strip_framing
 from pyproxy.cache.policy import Freshness, decide_storage, request_max_age, vary_values
 from pyproxy.cache.store import CacheStats, MemoryStore
+from pyproxy.cache.validation import answers_not_modified, freshened_headers, has_conditionals, not_modified_headers
 from pyproxy.rules import Rule
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,6 +39,7 @@ HIT = b"HIT"
 MISS = b"MISS"
 STALE = b"STALE"
 BYPASS = b"BYPASS"
+REVALIDATED = b"REVALIDATED"
 
 # A hit whose body is at most this large is joined to its head: one write, one packet.
 _JOIN_BODY_BELOW = 16 * 1024
@@ -71,6 +77,46 @@ class Recording:
             return False
         self._entry_args = (status, reason, strip_framing(headers), freshness, freshness.stream)
         return True
+
+    def not_modified(self, stale: CachedResponse, headers: Sequence[Header]) -> CachedResponse:
+        """A 304 for the conditional request made from ``stale``: the entry with the
+        304's fields (§3.2) and the freshness they give, stored again when storable
+        (§4.3.4); returned either way, since the 304 confirmed its body."""
+        merged = freshened_headers(stale.headers, strip_framing(headers))
+        now = self.cache.clock()
+        freshness, why = decide_storage(
+            method=self.method,
+            status=stale.status,
+            request_headers=self.request_headers,
+            response_headers=merged,
+            rule=self.rule,
+            now=now,
+            request_time=self.requested_at,
+        )
+        entry = CachedResponse(
+            stale.status,
+            stale.reason,
+            merged,
+            stale.body,
+            stream=stale.stream,
+            stored_at=now,
+            lifetime=freshness.lifetime if freshness is not None else 0.0,
+            initial_age=freshness.initial_age if freshness is not None else 0.0,
+            stale_while_revalidate=freshness.stale_while_revalidate if freshness is not None else 0.0,
+            stale_if_error=freshness.stale_if_error if freshness is not None else 0.0,
+            vary_names=stale.vary_names,
+            vary_values=stale.vary_values,
+        )
+        cache = self.cache
+        cache.stats.revalidated += 1
+        if freshness is None:
+            log.debug("revalidated, not stored again: %s", why)
+            return entry
+        if cache.compress_on_store:
+            entry.gzipped(cache.gzip_level, cache.gzip_min_length)
+        if cache.store.put(self.key, entry):
+            cache.stats.stores += 1
+        return entry
 
     def too_large(self) -> None:
         self.cache.stats.too_large += 1
@@ -150,8 +196,8 @@ class Cache:
         """Answer a client from an entry: prebuilt head, one write where it can."""
         if status is HIT:
             self.stats.hits += 1
-        else:
-            self.stats.stale += 1
+        elif status is STALE:
+            self.stats.stale += 1  # (REVALIDATED is counted where the 304 arrived)
         client.cache_status = status
         age = int(entry.age(self.clock()))
         if client.writes_raw:
@@ -178,6 +224,30 @@ class Cache:
             for piece in entry.body_pieces():
                 client.send_data(piece)
         client.finish_response()
+
+    def revalidatable(self, entry: Optional[CachedResponse], request_headers: Sequence[Header]) -> bool:
+        """A stored entry that a conditional request may make usable again (§4.3.1): it
+        has a validator, is the variant this request selects, and the request has
+        no preconditions of its own (those pass through as the client wrote them)."""
+        if entry is None or not entry.validatable or entry.stream or has_conditionals(request_headers):
+            return False
+        return not entry.vary_names or entry.matches_vary(vary_values(request_headers, entry.vary_names))
+
+    def answer_conditional(
+        self, client: "ClientConnection", entry: CachedResponse, method: bytes, request_headers: Sequence[Header]
+    ) -> bool:
+        """§4.3.2: a client's conditional request against a fresh entry whose
+        precondition fails is answered 304 here; False: serve the entry as usual."""
+        if not answers_not_modified(method, request_headers, entry.headers):
+            return False
+        self.stats.hits += 1
+        self.stats.not_modified += 1
+        client.cache_status = HIT
+        age = int(entry.age(self.clock()))
+        headers = not_modified_headers(entry.headers) + [(b"x-cache", HIT), (b"age", b"%d" % age)]
+        client.start_response(304, b"Not Modified", headers)
+        client.finish_response()
+        return True
 
     def recording(
         self, key: bytes, method: bytes, rule: Optional[Rule], request_headers: Sequence[Header]

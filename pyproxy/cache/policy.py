@@ -3,9 +3,10 @@ a stored response may be used. No I/O and no clock of its own: callers pass ``no
 
 pyproxy stores only responses with *explicit* freshness (``s-maxage``,
 ``max-age``, ``Expires``) or a TTL from an operator's rule; it never applies
-heuristic freshness (§4.2.2). It does not revalidate with conditional
-requests: where the RFC requires validation, pyproxy fetches anew. An unsafe
-request's answer invalidates (§4.4): ``invalidated_targets`` says what.
+heuristic freshness (§4.2.2). Entries with a validator are kept past
+staleness and revalidated (see ``validation``); ``no-cache`` ones are stored
+stale from the start. An unsafe request's answer invalidates (§4.4):
+``invalidated_targets`` says what.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ LOOKUP = "lookup"  # may be answered from the cache
 REFETCH = "refetch"  # must not be answered from the cache, but the response may be stored
 BYPASS = "bypass"  # neither read nor written (no-store, Range)
 
-# Statuses a stored response may have. 206 (no range support) and 304 (no
-# revalidation) are left out, as are informational ones.
+# Statuses a stored response may have. 206 (no range support) is left out, and a
+# 304 is never stored itself: it freshens the entry it validated (§4.3.4).
 _STORABLE_STATUSES = frozenset(range(200, 600)) - {206, 304}
 
 
@@ -212,7 +213,7 @@ def vary_values(request_headers: Sequence[Header], names: Tuple[bytes, ...]) -> 
 class _ResponseFields:
     """The fields storage decisions read, gathered in one pass over the response head."""
 
-    __slots__ = ("cache_control", "expires", "date", "age", "vary", "set_cookie", "content_type")
+    __slots__ = ("cache_control", "expires", "date", "age", "vary", "set_cookie", "content_type", "validator")
 
     def __init__(self, headers: Sequence[Header]) -> None:
         self.cache_control: List[bytes] = []
@@ -222,6 +223,7 @@ class _ResponseFields:
         self.age: Optional[bytes] = None
         self.set_cookie = False
         self.content_type: Optional[bytes] = None
+        self.validator = False  # an ETag or Last-Modified: the entry can be revalidated (§4.3.1)
         for name, value in headers:
             if name in _INTERESTING:
                 if name == b"cache-control":
@@ -239,11 +241,15 @@ class _ResponseFields:
                 elif name == b"age":
                     if self.age is None:
                         self.age = value  # the first field: its first member counts (§5.1)
+                elif name == b"etag" or name == b"last-modified":
+                    self.validator = True
                 elif self.content_type is None:
                     self.content_type = value
 
 
-_INTERESTING = frozenset({b"cache-control", b"vary", b"set-cookie", b"expires", b"date", b"age", b"content-type"})
+_INTERESTING = frozenset(
+    {b"cache-control", b"vary", b"set-cookie", b"expires", b"date", b"age", b"content-type", b"etag", b"last-modified"}
+)
 
 
 def decide_storage(
@@ -281,11 +287,14 @@ def decide_storage(
         return None, "response no-store"  # §5.2.2.5
     if b"private" in cc:
         return None, "response private"  # §5.2.2.7: a shared cache must not store it
+    always_revalidate = False
     if b"no-cache" in cc:
         if rule is None:
-            # §5.2.2.4: usable only after validation on every request, which
-            # pyproxy does not do -- storing it would never help.
-            return None, "response no-cache"
+            # §5.2.2.4: usable only after validation, on every request: stored as
+            # stale from the start when it has a validator, else of no use.
+            if not fields.validator:
+                return None, "response no-cache without a validator"
+            always_revalidate = True
         # An operator's rule says this route may be served from cache even so:
         # event streams in particular send no-cache as a matter of course.
         cc = {k: v for k, v in cc.items() if k not in (b"no-cache", b"max-age", b"s-maxage", b"must-revalidate")}
@@ -304,6 +313,8 @@ def decide_storage(
 
     date = parse_http_date(fields.date) if fields.date is not None else None
     lifetime = _explicit_lifetime(cc, fields.expires, date, now)
+    if always_revalidate:
+        lifetime = 0.0  # stale from the start: every use is validated first
     if lifetime is None:
         if rule is None or not 200 <= status < 300:
             return None, "no explicit freshness"  # heuristic freshness is never used
@@ -322,8 +333,10 @@ def decide_storage(
     else:
         swr = _window(cc, b"stale-while-revalidate", rule.stale_while_revalidate if rule else 0.0)
         sie = _window(cc, b"stale-if-error", rule.stale_if_error if rule else 0.0)
-    if lifetime - initial_age <= 0 and swr <= 0 and sie <= 0:
-        return None, "already stale"
+    if always_revalidate:
+        swr = sie = 0.0
+    if lifetime - initial_age <= 0 and swr <= 0 and sie <= 0 and not fields.validator:
+        return None, "already stale"  # with a validator it is kept, to be revalidated (§4.3)
     return Freshness(float(lifetime), initial_age, swr, sie, names, stream), ""
 
 

@@ -34,6 +34,8 @@ class CacheStats:
         "too_large",
         "errors",
         "invalidations",
+        "revalidated",
+        "not_modified",
         "refreshes",
         "stale_if_error",
         "entries",

@@ -479,3 +479,87 @@ async def test_unsafe_requests_invalidate_their_target_and_same_origin_locations
             assert await statuses() == [b"MISS", b"MISS"]
             assert sum(1 for r in origin.requests if r.method == b"GET" and r.target == b"/items") == 10
             assert proxy.cache is not None and proxy.cache.stats.invalidations == 8
+
+
+def add_versioned_route(origin: Origin, path: bytes, state: dict, cache_control: bytes) -> None:
+    """``path`` has a version (ETag) and a Last-Modified; it answers a matching
+    If-None-Match with 304 carrying ``state["meta"]``, else 200 with the version."""
+
+    @origin.route(path)
+    async def route(req: Received, reply: Reply) -> None:
+        etag = b'"v%d"' % state["version"]
+        common = [(b"cache-control", cache_control), (b"etag", etag), (b"x-meta", state["meta"])]
+        if req.header(b"if-none-match") == etag:
+            await reply.head(304, common)
+            await reply.end()
+            return
+        body = b"version %d " % state["version"] + b"x" * 4000
+        common.append((b"last-modified", b"Sun, 06 Nov 1994 08:49:37 GMT"))
+        await reply.full(200, body, [(b"content-type", b"text/plain")] + common)
+
+
+async def test_a_stale_entry_is_revalidated_with_its_etag_and_a_304_freshens_it() -> None:
+    """RFC 9111 §4.3: a stale entry with a validator goes upstream as a conditional
+    request; a 304 makes it fresh with the 304's headers (§3.2) and the stored body,
+    a 200 replaces it."""
+    clock = FakeClock()
+    state = {"version": 1, "meta": b"a"}
+    async with Origin() as origin, running_proxy(origin.url, clock=clock) as proxy:
+        add_versioned_route(origin, b"/doc", state, b"max-age=10")
+        first = await request(proxy.port, b"GET", b"/doc")
+        assert first.header(b"x-cache") == b"MISS" and first.body.startswith(b"version 1")
+        assert origin.requests[-1].header(b"if-none-match") is None
+        clock.advance(11)  # stale
+        state["meta"] = b"b"
+        again = await request(proxy.port, b"GET", b"/doc")
+        sent = origin.requests[-1]
+        assert sent.header(b"if-none-match") == b'"v1"'  # §4.3.1: both validators
+        assert sent.header(b"if-modified-since") == b"Sun, 06 Nov 1994 08:49:37 GMT"
+        assert again.status == 200 and again.header(b"x-cache") == b"REVALIDATED"
+        assert again.body == first.body  # the stored body: the upstream sent none
+        assert again.header(b"x-meta") == b"b"  # the 304's fields replace the stored ones
+        assert again.header(b"content-length") == str(len(first.body)).encode()
+        hit = await request(proxy.port, b"GET", b"/doc")  # fresh again, for the 304's max-age
+        assert hit.header(b"x-cache") == b"HIT" and hit.header(b"x-meta") == b"b"
+        assert len(origin.requests) == 2
+        clock.advance(11)
+        state["version"] = 2  # changed upstream: the conditional request gets a 200
+        changed = await request(proxy.port, b"GET", b"/doc")
+        assert changed.header(b"x-cache") == b"MISS" and changed.body.startswith(b"version 2")
+        assert (await request(proxy.port, b"GET", b"/doc")).body.startswith(b"version 2")
+        assert proxy.cache is not None and proxy.cache.stats.revalidated == 1
+
+
+async def test_no_cache_responses_with_a_validator_are_stored_and_revalidated_every_time() -> None:
+    """§5.2.2.4: no-cache means "validate before each use", not "never store"."""
+    state = {"version": 1, "meta": b"a"}
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        add_versioned_route(origin, b"/nc", state, b"no-cache")
+        assert (await request(proxy.port, b"GET", b"/nc")).header(b"x-cache") == b"MISS"
+        for _ in range(3):
+            resp = await request(proxy.port, b"GET", b"/nc")
+            assert resp.header(b"x-cache") == b"REVALIDATED" and resp.body.startswith(b"version 1")
+            assert origin.requests[-1].header(b"if-none-match") == b'"v1"'
+        assert len(origin.requests) == 4
+
+
+async def test_a_clients_conditional_request_against_a_fresh_entry_is_answered_304() -> None:
+    """§4.3.2, with RFC 9110 §13.1.2's weak comparison (pyproxy's gzip form carries
+    the weak W/ of the stored strong tag) and If-None-Match before If-Modified-Since."""
+    state = {"version": 1, "meta": b"a"}
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        add_versioned_route(origin, b"/doc", state, b"max-age=60")
+        assert (await request(proxy.port, b"GET", b"/doc")).status == 200
+        for tags in (b'"v1"', b'W/"v1"', b'"v0", "v1"', b"*"):
+            resp = await request(proxy.port, b"GET", b"/doc", [(b"if-none-match", tags)])
+            assert resp.status == 304 and resp.body == b"", tags
+            assert resp.header(b"etag") == b'"v1"' and resp.header(b"cache-control") == b"max-age=60"
+        other = await request(proxy.port, b"GET", b"/doc", [(b"if-none-match", b'"v0"')])
+        assert other.status == 200 and other.header(b"x-cache") == b"HIT"
+        later = [(b"if-modified-since", b"Mon, 07 Nov 1994 08:49:37 GMT")]
+        assert (await request(proxy.port, b"GET", b"/doc", later)).status == 304
+        earlier = [(b"if-modified-since", b"Sat, 05 Nov 1994 08:49:37 GMT")]
+        assert (await request(proxy.port, b"GET", b"/doc", earlier)).status == 200
+        both = [(b"if-none-match", b'"v0"')] + later  # If-None-Match decides (§13.2.2)
+        assert (await request(proxy.port, b"GET", b"/doc", both)).status == 200
+        assert len(origin.requests) == 1

@@ -79,6 +79,26 @@ STORAGE_CASES = [
         )
     ],
     (
+        "no-cache with a validator: stored, stale from the start, to be revalidated (§5.2.2.4, §4.3)",
+        b"GET",
+        200,
+        [],
+        [(b"cache-control", b"no-cache, max-age=60"), (b"etag", b'"v"')],
+        None,
+        0.0,
+        "",
+    ),
+    (
+        "already stale with a validator: kept, to be revalidated (§4.3)",
+        b"GET",
+        200,
+        [],
+        [(b"cache-control", b"max-age=5"), (b"age", b"10"), (b"last-modified", date(-99))],
+        None,
+        5.0,
+        "",
+    ),
+    (
         "Age with a list: the first member counts (§5.1)",
         b"GET",
         200,

@@ -1,0 +1,88 @@
+"""Validation (RFC 9111 §4.3, RFC 9110 §13) as pure functions."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyproxy.cache.validation import (
+    answers_not_modified,
+    conditional_headers,
+    freshened_headers,
+    has_conditionals,
+    not_modified_headers,
+    weak_match,
+)
+
+STORED = [
+    (b"content-type", b"text/plain"),
+    (b"etag", b'"abc"'),
+    (b"last-modified", b"Sun, 06 Nov 1994 08:49:37 GMT"),
+    (b"cache-control", b"max-age=10"),
+    (b"x-meta", b"1"),
+    (b"x-meta", b"2"),
+]
+
+
+def test_the_conditional_request_carries_both_validators() -> None:
+    """§4.3.1: the entity tag in If-None-Match, Last-Modified in If-Modified-Since."""
+    assert conditional_headers(STORED) == [
+        (b"if-none-match", b'"abc"'),
+        (b"if-modified-since", b"Sun, 06 Nov 1994 08:49:37 GMT"),
+    ]
+    assert conditional_headers([(b"etag", b'W/"x"')]) == [(b"if-none-match", b'W/"x"')]
+    assert conditional_headers([(b"content-type", b"text/plain")]) == []
+
+
+def test_a_304_replaces_the_fields_it_carries_but_not_the_framing() -> None:
+    """§3.2: each field of the 304 replaces the stored values of that name."""
+    merged = freshened_headers(
+        STORED,
+        [(b"cache-control", b"max-age=60"), (b"x-meta", b"3"), (b"content-length", b"0"), (b"x-new", b"y")],
+    )
+    assert (b"cache-control", b"max-age=60") in merged and (b"cache-control", b"max-age=10") not in merged
+    assert [v for n, v in merged if n == b"x-meta"] == [b"3"]  # all the old values go
+    assert (b"x-new", b"y") in merged and (b"etag", b'"abc"') in merged
+    assert not any(n == b"content-length" for n, _ in merged)  # the stored body's own
+
+
+@pytest.mark.parametrize(
+    "tags, etag, expected",
+    [
+        (b'"abc"', b'"abc"', True),
+        (b'W/"abc"', b'"abc"', True),  # weak comparison (§13.1.2 / §8.8.3.2)
+        (b'"abc"', b'W/"abc"', True),
+        (b'"x", "abc"', b'"abc"', True),
+        (b'"a,bc"', b'"a,bc"', True),  # a comma inside the quotes is the tag's
+        (b'"a,bc"', b'"bc"', False),
+        (b"*", b'"anything"', True),
+        (b'"abd"', b'"abc"', False),
+        (b'"ABC"', b'"abc"', False),  # octet by octet
+    ],
+)
+def test_if_none_match_uses_the_weak_comparison(tags: bytes, etag: bytes, expected: bool) -> None:
+    assert weak_match(tags, etag) is expected
+
+
+@pytest.mark.parametrize(
+    "method, request_headers, expected",
+    [
+        (b"GET", [(b"if-none-match", b'"abc"')], True),
+        (b"HEAD", [(b"if-none-match", b'W/"abc"')], True),
+        (b"GET", [(b"if-none-match", b'"other"')], False),
+        (b"GET", [(b"if-modified-since", b"Sun, 06 Nov 1994 08:49:37 GMT")], True),  # not modified since
+        (b"GET", [(b"if-modified-since", b"Sat, 05 Nov 1994 08:49:37 GMT")], False),
+        (b"GET", [(b"if-modified-since", b"yesterday")], False),  # an invalid date is ignored
+        # If-None-Match decides when present (RFC 9110 §13.2.2)
+        (b"GET", [(b"if-none-match", b'"other"'), (b"if-modified-since", b"Mon, 07 Nov 1994 08:49:37 GMT")], False),
+        (b"POST", [(b"if-none-match", b'"abc"')], False),
+        (b"GET", [], False),
+    ],
+)
+def test_when_a_fresh_entry_answers_304(method: bytes, request_headers: list, expected: bool) -> None:
+    assert answers_not_modified(method, request_headers, STORED) is expected
+    assert has_conditionals(request_headers) is bool(request_headers)
+
+
+def test_a_304_from_the_cache_carries_what_a_200_would_have_of_its_fields() -> None:
+    """RFC 9110 §15.4.5."""
+    assert not_modified_headers(STORED) == [(b"etag", b'"abc"'), (b"cache-control", b"max-age=10")]
