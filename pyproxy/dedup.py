@@ -259,6 +259,11 @@ class Fetch:
         for sub in self.subscribers:
             sub.client.note_upstream(name, attempts)
 
+    def send_interim(self, status: int, reason: bytes, headers: List[Header]) -> None:
+        """A 1xx: to the subscribers there now; hints, never stored nor replayed."""
+        for sub in self.subscribers:
+            sub.client.send_interim(status, reason, headers)
+
     def start_response(self, status: int, reason: bytes, headers: List[Header]) -> None:
         self.response_started = True
         if status == 304 and self.revalidating is not None and self.recording is not None:

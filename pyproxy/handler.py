@@ -40,7 +40,13 @@ from pyproxy.errors import (
 from pyproxy.gateway.models import BY_MODEL, MODEL_LIST, NO_ROUTE, RouteNotFound, Target
 from pyproxy.gateway.relay import Gateway, RoutedRequest, Run
 from pyproxy.http.fastpath import serialize_request_head
-from pyproxy.http.headers import RequestFraming, client_response_headers, to_origin_form, upstream_request_headers
+from pyproxy.http.headers import (
+    RequestFraming,
+    client_response_headers,
+    interim_headers,
+    to_origin_form,
+    upstream_request_headers,
+)
 from pyproxy.http.messages import RequestHead, ResponseHead
 from pyproxy.metrics import RequestMetrics
 from pyproxy.routing import UNPARSED, Plan, Router
@@ -218,6 +224,9 @@ class Exchange(ExchangeListener):
         client.start_response(head.status, head.reason, client_response_headers(head.headers))
         if client._write_paused:
             self.conn.pause_reading()
+
+    def on_interim(self, head: ResponseHead) -> None:
+        self.client.send_interim(head.status, head.reason, interim_headers(head.headers))
 
     def on_body(self, data: bytes) -> None:
         self.client.send_data(data)

@@ -27,6 +27,9 @@ if TYPE_CHECKING:  # pragma: no cover
         def gone(self) -> bool:
             """Nobody will read this response any more."""
 
+        def send_interim(self, status: int, reason: bytes, headers: List[Header]) -> None:
+            """A 1xx before the final response (RFC 9110 §15.2)."""
+
         def start_response(self, status: int, reason: bytes, headers: List[Header]) -> None: ...
 
         def send_data(self, data: bytes) -> None: ...

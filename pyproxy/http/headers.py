@@ -162,6 +162,13 @@ def upstream_request_headers(
     return out
 
 
+def interim_headers(headers: List[Header]) -> Headers:
+    """A 1xx response's fields for the client: hop-by-hop ones removed (it has no
+    framing of its own)."""
+    named = connection_tokens(headers)
+    return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named]
+
+
 def client_response_headers(headers: List[Header]) -> Headers:
     """Headers to send to the client: hop-by-hop removed, Via added, re-framed.
 

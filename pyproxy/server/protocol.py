@@ -466,6 +466,26 @@ class ClientConnection(asyncio.Protocol):
         if conn is not None and conn.client_is_waiting_for_100_continue and not self.closed:
             self.transport.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))  # type: ignore
 
+    def send_interim(self, status: int, reason: bytes, headers: List[Tuple[bytes, bytes]]) -> None:
+        """Relay an upstream 1xx (RFC 9110 §15.2) before the final response: to HTTP/1.1
+        clients only (1.0 has none), never a 101 (no protocol switch is relayed), and
+        a 100 only to a client still waiting for one (pyproxy answers Expect itself,
+        so an upstream's 100 is otherwise a second one)."""
+        if self.closed or self.response_started or status == 101 or not 100 <= status < 200:
+            return
+        if self._mode == _H11:
+            conn = self.h11
+            if conn is None or conn.their_http_version != b"1.1":
+                return
+            if status == 100 and not conn.client_is_waiting_for_100_continue:
+                return
+            # Queued like the final head, in order; the exchange's flush sends them.
+            self._out.append(conn.send(h11.InformationalResponse(status_code=status, headers=headers, reason=reason)))  # type: ignore
+            return
+        if status == 100:
+            return  # the fast path reads no Expect: nobody here waits for a 100
+        self._out.append(serialize_response_head(status, reason, headers))
+
     def start_response(self, status: int, reason: bytes, headers: List[Tuple[bytes, bytes]]) -> None:
         """Queue the response head. ``headers`` are already cleaned for the client and
         end with a Content-Length only when the body has a declared length (else:

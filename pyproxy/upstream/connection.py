@@ -75,6 +75,9 @@ class ExchangeListener:
     def on_response(self, head: ResponseHead) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def on_interim(self, head: ResponseHead) -> None:
+        """A 1xx before the final response (RFC 9110 §15.2); ignored unless relayed."""
+
     def on_body(self, data: bytes) -> None:  # pragma: no cover
         raise NotImplementedError
 
@@ -324,7 +327,8 @@ class UpstreamConnection(asyncio.Protocol):
             elif event is _NEED_DATA or event is _PAUSED:
                 return
             elif kind is _InformationalResponse:
-                continue  # 1xx (RFC 9110 §15.2): not relayed; 100-continue is answered by us
+                # RFC 9110 §15.2: a proxy forwards 1xx responses it did not ask for.
+                self.listener.on_interim(ResponseHead(event.status_code, event.reason, list(event.headers)))
             else:  # ConnectionClosed before the end: truncation
                 self._fail(self._disconnected())
                 return
