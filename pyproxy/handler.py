@@ -24,7 +24,7 @@ from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, C
 from pyproxy.cache.key import parse_json_body
 from pyproxy.cache.layer import BYPASS, HIT, MISS, STALE, Cache
 from pyproxy.cache.policy import BYPASS as BYPASS_MODE
-from pyproxy.cache.policy import LOOKUP, REFETCH, only_if_cached
+from pyproxy.cache.policy import LOOKUP, RANGE, REFETCH, only_if_cached
 from pyproxy.cache.store import NEED_AWAIT
 from pyproxy.cache.validation import conditional_headers, has_conditionals
 from pyproxy.dedup import X_DEDUP_FOLLOWER, Coalescer, Fetch
@@ -76,6 +76,7 @@ _CACHE_HEADERS: Dict[Optional[str], Tuple[bytes, bytes]] = {
     LOOKUP: (b"x-cache", MISS),
     REFETCH: (b"x-cache", MISS),
     BYPASS_MODE: (b"x-cache", BYPASS),
+    RANGE: (b"x-cache", BYPASS),  # when no stored response served it
 }
 
 _HEALTH_METHODS = frozenset({b"GET", b"HEAD"})
@@ -418,7 +419,7 @@ class Handler:
                 return
         cache = self.cache
         entry = None
-        if cache is not None and plan.cache_mode == LOOKUP:
+        if cache is not None and (plan.cache_mode == LOOKUP or plan.cache_mode == RANGE):
             entry = cache.lookup_now(plan.cache_key)
             if entry is NEED_AWAIT:
                 req.client.task = req.client.loop.create_task(self._lookup_then(req))
@@ -437,7 +438,13 @@ class Handler:
         cache = self.cache
         plan = req.plan
         stale = revalidate = None
-        if cache is not None and plan.cache_mode == LOOKUP:
+        if cache is not None and plan.cache_mode == RANGE:
+            # §3.4: a fresh stored full response serves one byte range; anything else
+            # goes to the upstream as the client sent it, and is not stored.
+            if entry is not None and cache.judge(entry, plan.headers) is FRESH:
+                if cache.serve_range(req.client, entry, plan.method == b"HEAD", plan.headers):
+                    return
+        elif cache is not None and plan.cache_mode == LOOKUP:
             state = cache.judge(entry, plan.headers) if entry is not None else None
             if state is FRESH:
                 if has_conditionals(plan.headers) and cache.answer_conditional(
@@ -482,7 +489,7 @@ class Handler:
                 )
                 return
         cache = self.cache
-        if cache is not None and plan.cache_mode == BYPASS_MODE:
+        if cache is not None and (plan.cache_mode == BYPASS_MODE or plan.cache_mode == RANGE):
             cache.stats.bypass += 1
         fetch = self._new_fetch(
             req,

@@ -73,7 +73,7 @@ class Plan:
         self.cache_mode = cache_mode
         # A request that asked for a fresh answer (no-cache) may start a shared
         # fetch but not join one that began before it arrived.
-        self.may_lead = coalesce and cache_mode != policy.BYPASS
+        self.may_lead = coalesce and cache_mode != policy.BYPASS and cache_mode != policy.RANGE
         self.may_join = self.may_lead and cache_mode != policy.REFETCH
         self.needs_body = method not in _SAFE
         self.key = b""
@@ -109,7 +109,8 @@ class Plan:
 
     @property
     def records(self) -> bool:
-        return self.cache_mode is not None and self.cache_mode != policy.BYPASS and self.method != b"HEAD"
+        mode = self.cache_mode
+        return mode is not None and mode != policy.BYPASS and mode != policy.RANGE and self.method != b"HEAD"
 
 
 class Router:

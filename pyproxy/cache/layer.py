@@ -7,7 +7,7 @@ the few stateful decisions between them, and the ``X-Cache`` statuses:
   stale-while-revalidate (one background refresh runs) or, when the upstream
   failed, within stale-if-error;
 - ``MISS``: fetched from the upstream (and stored if storable);
-- ``BYPASS``: the request said no-store, or asked for a range;
+- ``BYPASS``: the request said no-store, or asked for a range no stored response served;
 - ``REVALIDATED``: a stale entry the upstream confirmed with a 304 (RFC 9111
   §4.3.4: freshened, its headers updated, its body not sent again);
 - a 304 from pyproxy itself answers a client's own conditional request against a
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, CachedResponse, strip_framing
 from pyproxy.cache.policy import Freshness, decide_storage, request_max_age, vary_values
+from pyproxy.cache.ranges import UNSATISFIABLE, content_range, range_field, single_byte_range, unsatisfied_range
 from pyproxy.cache.store import CacheStats, MemoryStore
 from pyproxy.cache.validation import answers_not_modified, freshened_headers, has_conditionals, not_modified_headers
 from pyproxy.rules import Rule
@@ -246,6 +247,42 @@ class Cache:
         age = int(entry.age(self.clock()))
         headers = not_modified_headers(entry.headers) + [(b"x-cache", HIT), (b"age", b"%d" % age)]
         client.start_response(304, b"Not Modified", headers)
+        client.finish_response()
+        return True
+
+    def serve_range(
+        self, client: "ClientConnection", entry: CachedResponse, head_only: bool, request_headers: Sequence[Header]
+    ) -> bool:
+        """RFC 9111 §3.4 / RFC 9110 §14: one byte range of a fresh stored 200, as a 206
+        (or a 416 when none of it exists). False: not served here -- several ranges,
+        If-Range (its validator is the upstream's to judge), an event stream."""
+        value = range_field(request_headers)
+        if not value or entry.status != 200 or entry.stream or any(n == b"if-range" for n, _ in request_headers):
+            return False
+        length = len(entry.body)
+        wanted = single_byte_range(value, length)
+        if wanted is None:
+            return False
+        self.stats.hits += 1
+        self.stats.ranges += 1
+        client.cache_status = HIT
+        age = int(entry.age(self.clock()))
+        headers = entry.client_headers(HIT, age)
+        if wanted == UNSATISFIABLE:
+            headers = [h for h in headers if h[0] != b"content-length"]
+            headers += [(b"content-range", unsatisfied_range(length)), (b"content-length", b"0")]
+            client.start_response(416, b"Range Not Satisfiable", headers)
+            client.finish_response()
+            return True
+        first, last = wanted  # type: ignore[misc]
+        headers = [h for h in headers if h[0] != b"content-length"]
+        headers += [
+            (b"content-range", content_range(first, last, length)),
+            (b"content-length", b"%d" % (last + 1 - first)),
+        ]
+        client.start_response(206, b"Partial Content", headers)
+        if not head_only:
+            client.send_data(entry.body[first : last + 1])
         client.finish_response()
         return True
 

@@ -26,7 +26,8 @@ _DELTA_MAX = 2**31
 # Request modes, decided from the request alone.
 LOOKUP = "lookup"  # may be answered from the cache
 REFETCH = "refetch"  # must not be answered from the cache, but the response may be stored
-BYPASS = "bypass"  # neither read nor written (no-store, Range)
+BYPASS = "bypass"  # neither read nor written (no-store)
+RANGE = "range"  # a Range request: a stored full response may serve it (§3.4); else as BYPASS
 
 # Statuses a stored response may have. 206 (no range support) is left out, and a
 # 304 is never stored itself: it freshens the entry it validated (§4.3.4).
@@ -135,7 +136,7 @@ def request_mode(headers: Sequence[Header]) -> str:
         if name == b"cache-control":
             cache_control.append(value)
         elif name == b"range":
-            return BYPASS  # partial responses are not stored or served
+            return RANGE  # served from a stored full response, or fetched, never stored
         elif name == b"pragma" and b"no-cache" in value.lower():
             pragma_no_cache = True
     if not cache_control:

@@ -36,6 +36,7 @@ class CacheStats:
         "invalidations",
         "revalidated",
         "not_modified",
+        "ranges",
         "refreshes",
         "stale_if_error",
         "entries",

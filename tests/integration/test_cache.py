@@ -114,8 +114,8 @@ async def test_request_no_cache_refetches_and_no_store_bypasses() -> None:
         assert bypass.header(b"x-cache") == b"BYPASS" and bypass.json()["n"] == 3
         assert bypass.header(b"age") == b"0"
         ranged = await request(proxy.port, b"GET", b"/r", [(b"range", b"bytes=0-3")])
-        assert ranged.header(b"x-cache") == b"BYPASS"
-        assert (await request(proxy.port, b"GET", b"/r", [(b"pragma", b"no-cache")])).json()["n"] == 5
+        assert ranged.status == 206 and ranged.header(b"x-cache") == b"HIT"  # from the stored 200 (§3.4)
+        assert (await request(proxy.port, b"GET", b"/r", [(b"pragma", b"no-cache")])).json()["n"] == 4
         # only-if-cached: a stored response, or a 504 without contacting the upstream (§5.2.1.7).
         before = hits(origin, b"/r")
         assert (await request(proxy.port, b"GET", b"/r", [(b"cache-control", b"only-if-cached")])).status == 200
@@ -125,7 +125,7 @@ async def test_request_no_cache_refetches_and_no_store_bypasses() -> None:
         # A client's max-age bounds the age it accepts (§5.2.1.1).
         assert proxy.cache is not None
         hits_before = proxy.cache.stats.hits
-        assert (await request(proxy.port, b"GET", b"/r", [(b"cache-control", b"max-age=3600")])).json()["n"] == 5
+        assert (await request(proxy.port, b"GET", b"/r", [(b"cache-control", b"max-age=3600")])).json()["n"] == 4
         assert proxy.cache.stats.hits == hits_before + 1
 
 
@@ -563,3 +563,33 @@ async def test_a_clients_conditional_request_against_a_fresh_entry_is_answered_3
         both = [(b"if-none-match", b'"v0"')] + later  # If-None-Match decides (§13.2.2)
         assert (await request(proxy.port, b"GET", b"/doc", both)).status == 200
         assert len(origin.requests) == 1
+
+
+async def test_a_range_is_served_from_a_stored_full_response() -> None:
+    """RFC 9111 §3.4: one byte range as a 206 from the stored 200, a 416 past its end;
+    several ranges, If-Range or nothing stored: to the upstream, and never stored."""
+    body = bytes(range(256)) * 40  # 10,240 bytes
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+
+        @origin.route(b"/blob")
+        async def blob(req: Received, reply: Reply) -> None:
+            await reply.full(
+                200, body, [(b"content-type", b"application/octet-stream"), (b"cache-control", b"max-age=60")]
+            )
+
+        early = await request(proxy.port, b"GET", b"/blob", [(b"range", b"bytes=0-9")])
+        assert early.header(b"x-cache") == b"BYPASS"  # nothing stored yet: the upstream's answer
+        assert (await request(proxy.port, b"GET", b"/blob")).header(b"x-cache") == b"MISS"
+        part = await request(proxy.port, b"GET", b"/blob", [(b"range", b"bytes=1000-1999")])
+        assert part.status == 206 and part.body == body[1000:2000]
+        assert part.header(b"content-range") == b"bytes 1000-1999/10240" and part.header(b"x-cache") == b"HIT"
+        tail = await request(proxy.port, b"GET", b"/blob", [(b"range", b"bytes=-16")])
+        assert tail.status == 206 and tail.body == body[-16:]
+        past = await request(proxy.port, b"GET", b"/blob", [(b"range", b"bytes=20000-")])
+        assert past.status == 416 and past.header(b"content-range") == b"bytes */10240"
+        before = len(origin.requests)
+        several = await request(proxy.port, b"GET", b"/blob", [(b"range", b"bytes=0-1,5-6")])
+        conditional = await request(proxy.port, b"GET", b"/blob", [(b"range", b"bytes=0-1"), (b"if-range", b'"x"')])
+        assert several.header(b"x-cache") == conditional.header(b"x-cache") == b"BYPASS"
+        assert len(origin.requests) == before + 2
+        assert (await request(proxy.port, b"GET", b"/blob")).header(b"x-cache") == b"HIT"  # still the full one

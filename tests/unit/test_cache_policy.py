@@ -365,7 +365,7 @@ def test_stale_windows_from_response_or_rule_and_never_with_must_revalidate() ->
         ([(b"cache-control", b"No-Cache, no-store")], policy.BYPASS),
         ([(b"pragma", b"no-cache")], policy.REFETCH),  # §5.4: only without Cache-Control
         ([(b"pragma", b"no-cache"), (b"cache-control", b"max-age=30")], policy.LOOKUP),
-        ([(b"range", b"bytes=0-10")], policy.BYPASS),
+        ([(b"range", b"bytes=0-10")], policy.RANGE),  # §3.4: served from a stored full response
     ],
 )
 def test_request_modes(headers: H, mode: str) -> None:

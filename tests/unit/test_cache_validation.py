@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pyproxy.cache.ranges import UNSATISFIABLE, single_byte_range
 from pyproxy.cache.validation import (
     answers_not_modified,
     conditional_headers,
@@ -86,3 +87,25 @@ def test_when_a_fresh_entry_answers_304(method: bytes, request_headers: list, ex
 def test_a_304_from_the_cache_carries_what_a_200_would_have_of_its_fields() -> None:
     """RFC 9110 §15.4.5."""
     assert not_modified_headers(STORED) == [(b"etag", b'"abc"'), (b"cache-control", b"max-age=10")]
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (b"bytes=0-3", (0, 3)),
+        (b"bytes=5-", (5, 9)),
+        (b"bytes=-3", (7, 9)),  # the last three
+        (b"bytes=-30", (0, 9)),  # more than there is: all of it
+        (b"bytes=2-100", (2, 9)),  # a last beyond the end is the end (RFC 9110 §14.1.2)
+        (b"Bytes = 1-1", (1, 1)),
+        (b"bytes=10-", UNSATISFIABLE),  # starts past the end: 416
+        (b"bytes=-0", UNSATISFIABLE),
+        (b"bytes=0-1,4-5", None),  # several ranges: left to the upstream
+        (b"bytes=5-2", None),  # invalid: ignored
+        (b"items=0-3", None),  # another unit
+        (b"bytes=-", None),
+        (b"bytes=a-b", None),
+    ],
+)
+def test_one_byte_range_of_a_stored_body_of_ten(value: bytes, expected: object) -> None:
+    assert single_byte_range(value, 10) == expected
