@@ -420,7 +420,7 @@ class Handler:
         cache = self.cache
         entry = None
         if cache is not None and (plan.cache_mode == LOOKUP or plan.cache_mode == RANGE):
-            entry = cache.lookup_now(plan.cache_key)
+            entry = cache.lookup_now(plan.cache_key, plan.headers)
             if entry is NEED_AWAIT:
                 req.client.task = req.client.loop.create_task(self._lookup_then(req))
                 return
@@ -428,7 +428,7 @@ class Handler:
 
     async def _lookup_then(self, req: "Keyed") -> None:
         try:
-            entry = await self.cache.lookup(req.plan.cache_key)  # type: ignore[union-attr]
+            entry = await self.cache.lookup(req.plan.cache_key, req.plan.headers)  # type: ignore[union-attr]
         except asyncio.CancelledError:
             return
         if not req.client.closed:

@@ -107,6 +107,16 @@ def _same_numbers(value: Any) -> Any:
     return value
 
 
+# RFC 9111 §4.1: responses that Vary are stored one per variant, under the request's
+# key plus the digest of the Vary-named request values; under the key itself goes a
+# marker naming the fields, so a lookup knows which variant to ask for.
+VARIANT_SEPARATOR = b"\x00vary\x00"
+
+
+def variant_key(key: bytes, values: Tuple[bytes, ...]) -> bytes:
+    return key + VARIANT_SEPARATOR + _digest(b"\x00".join(values))[:24]
+
+
 def request_key(target: bytes, method: bytes, caller: bytes, body: bytes = NO_BODY) -> bytes:
     if len(target) > MAX_TARGET_IN_KEY:
         target = target[:MAX_TARGET_IN_KEY] + b"#" + _digest(target)

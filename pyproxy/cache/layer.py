@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, CachedResponse, strip_framing
+from pyproxy.cache.key import variant_key
 from pyproxy.cache.policy import Freshness, decide_storage, request_max_age, vary_values
 from pyproxy.cache.ranges import UNSATISFIABLE, content_range, range_field, single_byte_range, unsatisfied_range
 from pyproxy.cache.store import CacheStats, MemoryStore
@@ -44,6 +45,25 @@ REVALIDATED = b"REVALIDATED"
 
 # A hit whose body is at most this large is joined to its head: one write, one packet.
 _JOIN_BODY_BELOW = 16 * 1024
+
+
+def vary_marker(entry: CachedResponse, now: float) -> CachedResponse:
+    """What the request's own key holds for a response that varies: the names, and a
+    lifetime as long as the variant's (each new variant renews it)."""
+    return CachedResponse(
+        0,
+        b"",
+        [],
+        b"",
+        stream=False,
+        stored_at=now,
+        lifetime=max(entry.remaining(now), 1.0),
+        initial_age=0.0,
+        stale_while_revalidate=0.0,
+        stale_if_error=0.0,
+        vary_names=entry.vary_names,
+        vary_values=(),
+    )
 
 
 class Recording:
@@ -113,10 +133,7 @@ class Recording:
         if freshness is None:
             log.debug("revalidated, not stored again: %s", why)
             return entry
-        if cache.compress_on_store:
-            entry.gzipped(cache.gzip_level, cache.gzip_min_length)
-        if cache.store.put(self.key, entry):
-            cache.stats.stores += 1
+        cache.store_entry(self.key, entry)
         return entry
 
     def too_large(self) -> None:
@@ -139,11 +156,7 @@ class Recording:
             vary_names=freshness.vary,
             vary_values=vary_values(self.request_headers, freshness.vary),
         )
-        cache = self.cache
-        if cache.compress_on_store:
-            entry.gzipped(cache.gzip_level, cache.gzip_min_length)  # once, by the writer
-        if cache.store.put(self.key, entry):
-            cache.stats.stores += 1
+        self.cache.store_entry(self.key, entry)
 
 
 class Cache:
@@ -167,12 +180,31 @@ class Cache:
 
     # --- lookups ---------------------------------------------------------------------
 
-    def lookup_now(self, key: bytes) -> Union[CachedResponse, None, str]:
-        """The entry, None, or NEED_AWAIT when the store must be awaited (``lookup``)."""
-        return self.store.get_now(key)
+    def lookup_now(self, key: bytes, request_headers: Sequence[Header]) -> Union[CachedResponse, None, str]:
+        """The entry (the variant this request selects, §4.1), None, or NEED_AWAIT when
+        the store must be awaited (``lookup``)."""
+        entry = self.store.get_now(key)
+        if type(entry) is CachedResponse and entry.status == 0:  # a Vary marker
+            return self.store.get_now(variant_key(key, vary_values(request_headers, entry.vary_names)))
+        return entry
 
-    async def lookup(self, key: bytes) -> Optional[CachedResponse]:
-        return await self.store.get(key)
+    async def lookup(self, key: bytes, request_headers: Sequence[Header]) -> Optional[CachedResponse]:
+        entry = await self.store.get(key)
+        if entry is not None and entry.status == 0:
+            return await self.store.get(variant_key(key, vary_values(request_headers, entry.vary_names)))
+        return entry
+
+    def store_entry(self, key: bytes, entry: CachedResponse) -> None:
+        """Store a response: under its key, or, when it varies, under its variant's key
+        with the marker under its own."""
+        if self.compress_on_store:
+            entry.gzipped(self.gzip_level, self.gzip_min_length)  # once, by the writer
+        if entry.vary_names:
+            if self.store.put(variant_key(key, entry.vary_values), entry):
+                self.stats.stores += 1
+                self.store.put(key, vary_marker(entry, self.clock()))
+        elif self.store.put(key, entry):
+            self.stats.stores += 1
 
     def judge(self, entry: Optional[CachedResponse], request_headers: Sequence[Header]) -> Optional[str]:
         """FRESH, STALE_WHILE_REVALIDATE, STALE_IF_ERROR, or None (unusable) for this request."""

@@ -17,8 +17,12 @@ from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Set, Union
 
 from pyproxy.cache.entry import CachedResponse
+from pyproxy.cache.key import VARIANT_SEPARATOR
 
 NEED_AWAIT = "need-await"
+# RFC 9111 §4.1: the variants kept per key (of a response that Varies); past it, the
+# least recently used goes.
+MAX_VARIANTS = 4
 
 
 class CacheStats:
@@ -93,6 +97,8 @@ class MemoryStore:
         # The keys stored for each target (every caller, method and body): what an
         # unsafe request's answer invalidates (RFC 9111 §4.4), found without a scan.
         self._by_target: Dict[bytes, Set[bytes]] = {}
+        # Per key with variants: its variant keys, least recently used first.
+        self._variants: Dict[bytes, "OrderedDict[bytes, None]"] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -109,6 +115,11 @@ class MemoryStore:
             self._remove(key)
             return None
         self._entries.move_to_end(key)
+        if VARIANT_SEPARATOR in key:
+            primary = key[: key.find(VARIANT_SEPARATOR)]
+            variants = self._variants.get(primary)
+            if variants is not None and key in variants:
+                variants.move_to_end(key)
         return entry
 
     async def get(self, key: bytes) -> Optional[CachedResponse]:
@@ -131,6 +142,15 @@ class MemoryStore:
         if keys is None:
             keys = self._by_target[target] = set()
         keys.add(key)
+        if VARIANT_SEPARATOR in key:
+            primary = key[: key.find(VARIANT_SEPARATOR)]
+            variants = self._variants.get(primary)
+            if variants is None:
+                variants = self._variants[primary] = OrderedDict()
+            variants[key] = None
+            while len(variants) > MAX_VARIANTS:
+                oldest = next(iter(variants))
+                self._remove(oldest)  # unindexes it from variants too
         self._bytes += size
         self._update_gauges()
         return True
@@ -154,6 +174,13 @@ class MemoryStore:
         self.stats.evictions += 1
 
     def _unindex(self, key: bytes) -> None:
+        if VARIANT_SEPARATOR in key:
+            primary = key[: key.find(VARIANT_SEPARATOR)]
+            variants = self._variants.get(primary)
+            if variants is not None:
+                variants.pop(key, None)
+                if not variants:
+                    del self._variants[primary]
         target = key_target(key)
         keys = self._by_target.get(target)
         if keys is not None:
@@ -177,6 +204,7 @@ class MemoryStore:
     async def close(self) -> None:
         self._entries.clear()
         self._by_target.clear()
+        self._variants.clear()
         self._bytes = 0
         self._update_gauges()
 

@@ -137,6 +137,26 @@ async def test_vary_selects_the_stored_response() -> None:
         assert (await request(proxy.port, b"GET", b"/v", en)).header(b"x-cache") == b"HIT"
         de = await request(proxy.port, b"GET", b"/v", [(b"accept-language", b"de")])
         assert de.header(b"x-cache") == b"MISS" and de.json()["n"] == 2
+        # §4.1: both variants are kept, each served to its own requests.
+        for language, n in ((b"en", 1), (b"de", 2), (b"en", 1)):
+            again = await request(proxy.port, b"GET", b"/v", [(b"accept-language", language)])
+            assert again.header(b"x-cache") == b"HIT" and again.json()["n"] == n, language
+
+
+async def test_variants_per_key_are_bounded_least_recently_used_first() -> None:
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        add_counting_route(origin, b"/v", [(b"cache-control", b"max-age=60"), (b"vary", b"Accept-Language")])
+
+        async def ask(language: bytes) -> Response:
+            return await request(proxy.port, b"GET", b"/v", [(b"accept-language", language)])
+
+        for language in (b"a", b"b", b"c", b"d"):  # MAX_VARIANTS of them
+            assert (await ask(language)).header(b"x-cache") == b"MISS"
+        assert (await ask(b"a")).header(b"x-cache") == b"HIT"  # a is now the most recent
+        assert (await ask(b"e")).header(b"x-cache") == b"MISS"  # a fifth: b, the least recent, goes
+        assert (await ask(b"b")).header(b"x-cache") == b"MISS"  # (and b's return pushes out c)
+        assert [(await ask(x)).header(b"x-cache") for x in (b"a", b"d", b"e", b"b")] == [b"HIT"] * 4
+        assert proxy.cache is not None and len(proxy.cache.store) == 5  # four variants and the marker
 
 
 async def test_head_is_answered_from_the_stored_get() -> None:

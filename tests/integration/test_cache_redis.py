@@ -203,3 +203,28 @@ async def test_an_unsafe_request_through_one_proxy_invalidates_for_every_proxy_a
                 await asyncio.sleep(0.01)
             for caller in callers:
                 assert (await request(a.port, b"GET", b"/items", caller)).header(b"x-cache") == b"MISS"
+
+
+async def test_two_variants_are_both_served_through_redis() -> None:
+    """RFC 9111 §4.1 in the shared store: the marker and each variant under its key."""
+    async with RedisServer() as server, Origin() as origin:
+
+        @origin.route(b"/v")
+        async def varying(req: Received, reply: Reply) -> None:
+            language = req.header(b"accept-language") or b"-"
+            await reply.full(
+                200, b"in " + language, [(b"cache-control", b"max-age=600"), (b"vary", b"accept-language")]
+            )
+
+        async with (
+            running_proxy(origin.url, cache_backend=server.url) as a,
+            running_proxy(origin.url, cache_backend=server.url) as b,
+        ):
+            for language in (b"en", b"de"):
+                resp = await request(a.port, b"GET", b"/v", [(b"accept-language", language)])
+                assert resp.header(b"x-cache") == b"MISS"
+            await wait_until_async(lambda: redis_keys(server), 3)  # two variants and the marker
+            for language in (b"de", b"en"):
+                resp = await request(b.port, b"GET", b"/v", [(b"accept-language", language)])
+                assert resp.header(b"x-cache") == b"HIT" and resp.body == b"in " + language
+            assert len(origin.requests) == 2
