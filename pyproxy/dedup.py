@@ -32,6 +32,7 @@ import logging
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pyproxy.cache.policy import vary_names, vary_values
+from pyproxy.cache.validation import answers_not_modified
 from pyproxy.errors import ProxyError
 from pyproxy.sink import abandon
 
@@ -312,8 +313,14 @@ class Fetch:
         self.recording = None
         self.coalescer.remove(self)
         self._release()
+        cache = recording.cache
         for sub in self.take_subscribers():
-            recording.cache.serve(sub.client, entry, REVALIDATED, False)
+            # A client that sent its own validators (merged into the request) gets
+            # the 304 its precondition earns (§4.3.2); everyone else the body.
+            if answers_not_modified(b"GET", sub.request_headers, entry.headers):
+                cache.send_not_modified(sub.client, entry, REVALIDATED)
+            else:
+                cache.serve(sub.client, entry, REVALIDATED, False)
 
     def send_data(self, data: bytes) -> None:
         if self._diverted:

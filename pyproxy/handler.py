@@ -26,7 +26,7 @@ from pyproxy.cache.layer import BYPASS, HIT, MISS, STALE, Cache
 from pyproxy.cache.policy import BYPASS as BYPASS_MODE
 from pyproxy.cache.policy import LOOKUP, RANGE, REFETCH, only_if_cached
 from pyproxy.cache.store import NEED_AWAIT
-from pyproxy.cache.validation import conditional_headers, has_conditionals
+from pyproxy.cache.validation import has_conditionals
 from pyproxy.dedup import X_DEDUP_FOLLOWER, Coalescer, Fetch
 from pyproxy.errors import (
     BadRequest,
@@ -438,6 +438,7 @@ class Handler:
         cache = self.cache
         plan = req.plan
         stale = revalidate = None
+        validators: Optional[List[Tuple[bytes, bytes]]] = None
         if cache is not None and plan.cache_mode == RANGE:
             # §3.4: a fresh stored full response serves one byte range; anything else
             # goes to the upstream as the client sent it, and is not stored.
@@ -462,7 +463,8 @@ class Handler:
                     self._refresh(req, entry)  # type: ignore[arg-type]
                 return
             cache.stats.misses += 1  # nothing stored, or nothing usable for this request
-            if plan.records and cache.revalidatable(entry, plan.headers):
+            validators = cache.revalidation(entry, plan.headers) if plan.records else None
+            if validators is not None:
                 revalidate = entry
             if state is STALE_IF_ERROR:
                 stale = entry
@@ -471,9 +473,15 @@ class Handler:
                 # asked that the upstream not be contacted.
                 req.client.send_error(NotInCache("no stored response for this request (only-if-cached)"))
                 return
-        self._fetch(req, stale, revalidate)
+        self._fetch(req, stale, revalidate, validators)
 
-    def _fetch(self, req: "Keyed", stale: Optional[CachedResponse], revalidate: Optional[CachedResponse]) -> None:
+    def _fetch(
+        self,
+        req: "Keyed",
+        stale: Optional[CachedResponse],
+        revalidate: Optional[CachedResponse] = None,
+        validators: Optional[List[Tuple[bytes, bytes]]] = None,
+    ) -> None:
         """Fetch from the upstream (or join a fetch on its way); ``revalidate``: a stale
         entry the request is made conditional on, served again if the answer is 304."""
         client, plan = req.client, req.plan
@@ -499,8 +507,9 @@ class Handler:
         if plan.may_lead or plan.records:
             coalescer.add(fetch)
             coalescer.stats.leaders += plan.may_lead
-        if revalidate is not None:
-            req.add_conditional(conditional_headers(revalidate.headers))
+        if revalidate is not None and validators is not None:
+            if validators:
+                req.add_conditional(validators)
             fetch.revalidating = revalidate
         fetch.subscribe(client, [cache_header] if cache_header else [], plan.headers)
         self._dispatch(fetch, req.body, req.outbound(), req.chunks)
@@ -514,8 +523,10 @@ class Handler:
         assert cache is not None
         cache.stats.refreshes += 1
         fetch = self._new_fetch(req, background=True, stale_fallback=None)
-        if cache.revalidatable(entry, req.plan.headers):
-            req.add_conditional(conditional_headers(entry.headers))
+        validators = cache.revalidation(entry, req.plan.headers)
+        if validators is not None:
+            if validators:
+                req.add_conditional(validators)
             fetch.revalidating = entry
         self.coalescer.add(fetch)
         self._dispatch(fetch, req.body, req.outbound(), req.chunks)

@@ -21,6 +21,7 @@ from pyproxy.cache.key import (
     parse_json_body,
     request_key,
 )
+from pyproxy.cache.validation import has_conditionals
 from pyproxy.errors import BadRequest
 from pyproxy.http.headers import to_origin_form
 from pyproxy.rules import DEFAULT_ROUTES, Rule, find_rule, request_path
@@ -167,7 +168,12 @@ class Router:
         if not safe and cache_rule is None and dedup_rule is None:
             return None
         cache_mode = policy.request_mode(request.headers) if self.cache_on and (safe or cache_rule) else None
-        coalesce = self.dedup_on and (safe or cache_rule is not None or dedup_rule is not None)
+        # A conditional request never shares a fetch: its answer (a 304) is its own.
+        coalesce = (
+            self.dedup_on
+            and (safe or cache_rule is not None or dedup_rule is not None)
+            and not has_conditionals(request.headers)
+        )
         if cache_mode is None and not coalesce:
             return None
         return Plan(method, target, request.headers, cache_rule, dedup_rule, cache_mode, coalesce, self.identity_names)

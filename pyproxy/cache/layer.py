@@ -19,14 +19,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, CachedResponse, strip_framing
 from pyproxy.cache.key import variant_key
 from pyproxy.cache.policy import Freshness, decide_storage, request_max_age, vary_values
 from pyproxy.cache.ranges import UNSATISFIABLE, content_range, range_field, single_byte_range, unsatisfied_range
 from pyproxy.cache.store import CacheStats, MemoryStore
-from pyproxy.cache.validation import answers_not_modified, freshened_headers, has_conditionals, not_modified_headers
+from pyproxy.cache.validation import (
+    answers_not_modified,
+    conditional_headers,
+    freshened_headers,
+    not_modified_headers,
+)
 from pyproxy.rules import Rule
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -258,13 +263,17 @@ class Cache:
                 client.send_data(piece)
         client.finish_response()
 
-    def revalidatable(self, entry: Optional[CachedResponse], request_headers: Sequence[Header]) -> bool:
-        """A stored entry that a conditional request may make usable again (§4.3.1): it
-        has a validator, is the variant this request selects, and the request has
-        no preconditions of its own (those pass through as the client wrote them)."""
-        if entry is None or not entry.validatable or entry.stream or has_conditionals(request_headers):
-            return False
-        return not entry.vary_names or entry.matches_vary(vary_values(request_headers, entry.vary_names))
+    def revalidation(
+        self, entry: Optional[CachedResponse], request_headers: Sequence[Header]
+    ) -> Optional[List[Header]]:
+        """The fields that make this request revalidate a stored entry (§4.3.1), or
+        None: no validator, another variant, an event stream, or preconditions of the
+        client's that do not merge with the entry's (see conditional_headers)."""
+        if entry is None or not entry.validatable or entry.stream:
+            return None
+        if entry.vary_names and not entry.matches_vary(vary_values(request_headers, entry.vary_names)):
+            return None
+        return conditional_headers(entry.headers, request_headers)
 
     def answer_conditional(
         self, client: "ClientConnection", entry: CachedResponse, method: bytes, request_headers: Sequence[Header]
@@ -274,13 +283,16 @@ class Cache:
         if not answers_not_modified(method, request_headers, entry.headers):
             return False
         self.stats.hits += 1
+        self.send_not_modified(client, entry, HIT)
+        return True
+
+    def send_not_modified(self, client: "ClientConnection", entry: CachedResponse, status: bytes) -> None:
         self.stats.not_modified += 1
-        client.cache_status = HIT
+        client.cache_status = status
         age = int(entry.age(self.clock()))
-        headers = not_modified_headers(entry.headers) + [(b"x-cache", HIT), (b"age", b"%d" % age)]
+        headers = not_modified_headers(entry.headers) + [(b"x-cache", status), (b"age", b"%d" % age)]
         client.start_response(304, b"Not Modified", headers)
         client.finish_response()
-        return True
 
     def serve_range(
         self, client: "ClientConnection", entry: CachedResponse, head_only: bool, request_headers: Sequence[Header]

@@ -43,15 +43,36 @@ def has_conditionals(request_headers: Sequence[Header]) -> bool:
     return any(n in CONDITIONAL_FIELDS for n, _ in request_headers)
 
 
-def conditional_headers(stored: Sequence[Header]) -> List[Header]:
-    """§4.3.1: the stored entity tag in If-None-Match, and its Last-Modified in
-    If-Modified-Since (one stored response, never a subrange)."""
-    out: List[Header] = []
+# The client's own preconditions that pyproxy never merges with: they ask for
+# something else than "send it unless I have it" (a 412, or a range).
+_NOT_MERGED = frozenset({b"if-match", b"if-unmodified-since", b"if-range"})
+
+
+def conditional_headers(stored: Sequence[Header], request_headers: Sequence[Header] = ()) -> Optional[List[Header]]:
+    """§4.3.1: the fields that make a request validate the stored response -- its
+    entity tag in If-None-Match, its Last-Modified in If-Modified-Since -- merged
+    with the client's own: None when they cannot be merged so that a 304 tells
+    about the stored response (then the request goes as the client wrote it).
+
+    A client's If-None-Match is kept when one of its tags is the stored one (its
+    304 then validates both); a client's If-Modified-Since only beside a stored
+    entity tag (which the upstream evaluates instead, RFC 9110 §13.2.2)."""
+    if any(n in _NOT_MERGED for n, _ in request_headers):
+        return None
     etag = _first(stored, b"etag")
+    last_modified = _first(stored, b"last-modified")
+    client_tags = _first(request_headers, b"if-none-match")
+    client_since = _first(request_headers, b"if-modified-since")
+    out: List[Header] = []
+    if client_tags is not None:
+        if etag is None or client_tags.strip() == b"*" or not weak_match(client_tags, etag):
+            return None
+        return out  # the client's list names the stored tag: nothing to add
     if etag is not None:
         out.append((b"if-none-match", etag))
-    last_modified = _first(stored, b"last-modified")
-    if last_modified is not None:
+    elif client_since is not None:
+        return None  # two dates: a 304 for the client's would not vouch for the stored one
+    if last_modified is not None and client_since is None:
         out.append((b"if-modified-since", last_modified))
     return out
 

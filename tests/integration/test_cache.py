@@ -613,3 +613,24 @@ async def test_a_range_is_served_from_a_stored_full_response() -> None:
         assert several.header(b"x-cache") == conditional.header(b"x-cache") == b"BYPASS"
         assert len(origin.requests) == before + 2
         assert (await request(proxy.port, b"GET", b"/blob")).header(b"x-cache") == b"HIT"  # still the full one
+
+
+async def test_a_clients_validator_against_a_stale_entry_is_merged_and_answered_304() -> None:
+    """§4.3.2: a client's If-None-Match naming the stored tag revalidates the stale entry
+    for it (a 304 to the client, the entry fresh again); one naming another tag goes
+    upstream as the client wrote it."""
+    clock = FakeClock()
+    state = {"version": 1, "meta": b"a"}
+    async with Origin() as origin, running_proxy(origin.url, clock=clock) as proxy:
+        add_versioned_route(origin, b"/doc", state, b"max-age=10")
+        assert (await request(proxy.port, b"GET", b"/doc")).status == 200
+        clock.advance(11)
+        mine = await request(proxy.port, b"GET", b"/doc", [(b"if-none-match", b'"v1"')])
+        assert mine.status == 304 and mine.header(b"x-cache") == b"REVALIDATED" and mine.body == b""
+        assert origin.requests[-1].header(b"if-none-match") == b'"v1"'
+        assert (await request(proxy.port, b"GET", b"/doc")).header(b"x-cache") == b"HIT"  # freshened
+        clock.advance(11)
+        other = await request(proxy.port, b"GET", b"/doc", [(b"if-none-match", b'"v0"')])
+        assert other.status == 200 and other.header(b"x-cache") == b"MISS"
+        assert origin.requests[-1].header(b"if-none-match") == b'"v0"'  # not merged: as written
+        assert len(origin.requests) == 3

@@ -34,6 +34,26 @@ def test_the_conditional_request_carries_both_validators() -> None:
     assert conditional_headers([(b"content-type", b"text/plain")]) == []
 
 
+@pytest.mark.parametrize(
+    "request_headers, expected",
+    [
+        ([(b"if-none-match", b'"abc"')], []),  # the client's list names the stored tag: kept as it is
+        ([(b"if-none-match", b'"x", W/"abc"')], []),
+        ([(b"if-none-match", b'"x"')], None),  # a 304 for "x" says nothing of the stored one
+        ([(b"if-none-match", b"*")], None),
+        ([(b"if-modified-since", b"Mon, 07 Nov 1994 08:49:37 GMT")], [(b"if-none-match", b'"abc"')]),
+        ([(b"if-match", b'"abc"')], None),  # asks for a 412, not a 304
+        ([(b"if-range", b'"abc"')], None),
+    ],
+)
+def test_a_clients_own_validators_merge_only_where_a_304_still_vouches_for_the_stored(
+    request_headers: list, expected: object
+) -> None:
+    assert conditional_headers(STORED, request_headers) == expected
+    only_date = [(b"last-modified", b"Sun, 06 Nov 1994 08:49:37 GMT")]
+    assert conditional_headers(only_date, [(b"if-modified-since", b"Mon, 07 Nov 1994 08:49:37 GMT")]) is None
+
+
 def test_a_304_replaces_the_fields_it_carries_but_not_the_framing() -> None:
     """§3.2: each field of the 304 replaces the stored values of that name."""
     merged = freshened_headers(

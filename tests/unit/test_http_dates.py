@@ -87,7 +87,8 @@ def _renderings(epoch: float) -> set:
     imf = formatdate(epoch, usegmt=True)
     rfc850 = time.strftime("%d-%b-%y %H:%M:%S GMT", t)
     asctime = time.strftime("%b ", t) + f"{t.tm_mday:2d}" + time.strftime(" %H:%M:%S %Y", t)
-    return {imf.split(" ", 1)[1], rfc850, asctime}
+    asctime_two_digits = time.strftime("%b %d %H:%M:%S %Y", t)  # day = 2DIGIT / ( SP DIGIT )
+    return {imf.split(" ", 1)[1], rfc850, asctime, asctime_two_digits}
 
 
 _ALPHABET = "SunMoTeWdhFriaJFbMrApyJlgOcNvDe0123456789 ,:-.GMTUC+"
