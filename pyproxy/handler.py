@@ -390,23 +390,9 @@ class Handler:
         """A keyed request whose body is still arriving: collect it (it is part of the key),
         up to cache_max_key_body; a larger one is relayed plainly."""
         req = Keyed(self, client, request, framing, body, plan, [])
-        try:
-            if framing.has_body:
-                client.send_continue()
-            while True:
-                got = await body.read()
-                if got is None:
-                    break
-                req.chunks += got
-                if body.received > self.max_key_body:
-                    await self._send(client, req.outbound(), body, req.chunks)
-                    return
-        except (asyncio.CancelledError, ClientGone):
-            return
-        except ProxyError as exc:
-            client.send_error(exc)
-            return
-        self._keyed(req)
+        if framing.has_body:
+            client.send_continue()
+        await self._keyed_collect(req)
 
     def _keyed(self, req: "Keyed") -> None:
         plan = req.plan
@@ -885,7 +871,8 @@ class Handler:
         self._keyed(req)
 
     async def _keyed_collect(self, req: "Keyed") -> None:
-        """A path-routed keyed request whose body is still arriving (see _keyed_task)."""
+        """Collect a keyed request's body (it is part of the key), up to
+        cache_max_key_body; a larger one is relayed plainly."""
         client, body = req.client, req.body
         try:
             while True:

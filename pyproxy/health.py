@@ -17,16 +17,11 @@ from pyproxy.config import Upstream
 log = logging.getLogger("pyproxy.health")
 
 
-class UpstreamProbe:
-    def __init__(self, upstream: Upstream, interval: float, timeout: float) -> None:
-        self.upstream = upstream
-        self.interval = interval
-        self.timeout = min(timeout, interval)
-        self.reachable: Optional[bool] = None  # None: not checked yet
-        self.error = ""
-        self.checked_at = 0.0
-        self._task: Optional["asyncio.Task[None]"] = None
-        self._stopping: Optional[asyncio.Event] = None
+class BackgroundLoop:
+    """A task run beside the proxy (``_run``), started once and stopped for sure."""
+
+    _task: Optional["asyncio.Task[None]"]
+    _stopping: Optional[asyncio.Event]
 
     def start(self) -> None:
         self._stopping = asyncio.Event()
@@ -43,6 +38,21 @@ class UpstreamProbe:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+
+    async def _run(self, stopping: asyncio.Event) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class UpstreamProbe(BackgroundLoop):
+    def __init__(self, upstream: Upstream, interval: float, timeout: float) -> None:
+        self.upstream = upstream
+        self.interval = interval
+        self.timeout = min(timeout, interval)
+        self.reachable: Optional[bool] = None  # None: not checked yet
+        self.error = ""
+        self.checked_at = 0.0
+        self._task: Optional["asyncio.Task[None]"] = None
+        self._stopping: Optional[asyncio.Event] = None
 
     async def check_once(self) -> None:
         try:

@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 from pyproxy.gateway.config import UpstreamSpec
+from pyproxy.health import BackgroundLoop
 from pyproxy.upstream.pool import make_ssl_context
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,7 +48,7 @@ def status_verdict(status_line: bytes) -> Optional[str]:
     return None
 
 
-class GatewayChecks:
+class GatewayChecks(BackgroundLoop):
     def __init__(self, gateway: "Gateway", settings: "Settings") -> None:
         self.gateway = gateway
         self.interval = settings.health_interval
@@ -55,20 +56,6 @@ class GatewayChecks:
         self.ca = settings.upstream_ca
         self._task: Optional["asyncio.Task[None]"] = None
         self._stopping: Optional[asyncio.Event] = None
-
-    def start(self) -> None:
-        self._stopping = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run(self._stopping))
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            # The event ends the loop even when a cancel is lost in asyncio.wait_for
-            # (3.9-3.11, see health.UpstreamProbe.stop).
-            assert self._stopping is not None
-            self._stopping.set()
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
 
     async def _run(self, stopping: asyncio.Event) -> None:
         specs: List[UpstreamSpec] = list(self.gateway.config.upstreams)
