@@ -164,7 +164,7 @@ def test_cache_hit_path(benchmark: Any, warm_cache: Any) -> None:
 
     def hit() -> bytes:
         plan = router.plan(request, False)
-        entry = cache.lookup_now(plan.cache_key)
+        entry = cache.lookup_now(plan.cache_key, plan.headers)
         assert cache.judge(entry, plan.headers) is FRESH
         return entry.response_head(b"HIT", int(entry.age(cache.clock())), False) + entry.wire
 
@@ -210,3 +210,40 @@ def test_request_metrics_prometheus_client_reference(benchmark: Any) -> None:
         bytes_out.inc(2048)
 
     benchmark(observe)
+
+
+# --- the gateway's and the cache's newer hot units ---------------------------------------
+
+
+def test_gateway_choose_uniform(benchmark: Any) -> None:
+    """P2C over three equal deployments: the draw-two-first path every request takes."""
+    import random
+
+    from pyproxy.gateway.balancer import choose
+    from pyproxy.gateway.config import Deployment
+    from pyproxy.gateway.state import UpstreamState
+
+    deployments = (Deployment("a"), Deployment("b"), Deployment("c"))
+    states = {d.upstream: UpstreamState(d.upstream, 100) for d in deployments}
+    rng = random.Random(1)
+    assert benchmark(choose, deployments, states, 0.0, rng, (), True) is not None
+
+
+def test_http_date_parse(benchmark: Any) -> None:
+    from pyproxy.http.dates import parse_http_date
+
+    assert benchmark(parse_http_date, b"Sun, 06 Nov 1994 08:49:37 GMT") == 784111777.0
+
+
+def test_revalidation_fields(benchmark: Any) -> None:
+    """The conditional fields made for a stale entry, and the 304's field update."""
+    from pyproxy.cache.validation import conditional_headers, freshened_headers
+
+    stored = [(b"content-type", b"text/plain"), (b"etag", b'"v1"'), (b"cache-control", b"max-age=1")]
+    not_modified = [(b"cache-control", b"max-age=60"), (b"etag", b'"v1"')]
+
+    def both() -> Any:
+        return conditional_headers(stored, ()), freshened_headers(stored, not_modified)
+
+    fields, merged = benchmark(both)
+    assert fields == [(b"if-none-match", b'"v1"')] and (b"cache-control", b"max-age=60") in merged
