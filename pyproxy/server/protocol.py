@@ -318,7 +318,10 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     self.body.feed_eof()  # type: ignore[union-attr]
                     self._mode = _FAST_DONE
-                self.proxy.handler.start(self, request, self.body, framing)  # type: ignore[arg-type]
+                try:
+                    self.proxy.handler.start(self, request, self.body, framing)  # type: ignore[arg-type]
+                except Exception:  # a bug: the client still gets an answer, the log the traceback
+                    self._internal_error()
             else:  # _FAST_DONE: a pipelined request waits for the current response
                 self._buf = data
                 if len(data) > self._max_head:
@@ -399,7 +402,17 @@ class ClientConnection(asyncio.Protocol):
         if self._begin_request(request, framing):
             if framing.has_body:
                 self._body_pending()
-            self.task = self.loop.create_task(self.proxy.handler.handle(self, request, self.body, framing))  # type: ignore
+            self.task = self.loop.create_task(self._handle(request, framing))
+
+    async def _handle(self, request: RequestHead, framing: RequestFraming) -> None:
+        try:
+            await self.proxy.handler.handle(self, request, self.body, framing)  # type: ignore[arg-type]
+        except Exception:  # a bug (cancellation is not an Exception): answered all the same
+            self._internal_error()
+
+    def _internal_error(self) -> None:
+        log.exception("unexpected error while proxying %s", self.req_target[:200].decode("latin-1"))
+        self.send_error(ProxyError("internal proxy error"))
 
     # --- both paths ----------------------------------------------------------------------
 

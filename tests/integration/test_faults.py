@@ -16,7 +16,7 @@ import h11
 import pytest
 
 from pyproxy.metrics import render, snapshot
-from tests.support.client import Client, running_proxy, wait_until
+from tests.support.client import Client, raw_exchange, request, running_proxy, wait_until
 from tests.support.fast_origin import start_fast_origin
 from tests.support.origin import Origin, pattern_bytes
 
@@ -364,3 +364,24 @@ async def test_answer_before_the_whole_body_says_connection_close() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_bug_inside_the_proxy_is_a_500_and_a_log_line_not_a_hung_client(caplog) -> None:  # type: ignore[no-untyped-def]
+    """Fault injection into a collaborator (the cache's lookup raises): the request in
+    flight gets a 500 at once on both client paths (taskless, and h11's task), the
+    traceback is logged, and the proxy serves the next request normally."""
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        assert proxy.cache is not None
+        real = proxy.cache.lookup_now
+
+        def broken(*args: object) -> object:
+            raise RuntimeError("injected")
+
+        proxy.cache.lookup_now = broken  # type: ignore[method-assign]
+        fast = await asyncio.wait_for(request(proxy.port, b"GET", b"/v1/models"), 5)
+        assert fast.status == 500 and fast.json()["error"]["message"] == "internal proxy error"
+        via_h11 = await asyncio.wait_for(raw_exchange(proxy.port, b"GET /v1/models HTTP/1.0\r\nHost: x\r\n\r\n"), 5)
+        assert via_h11.startswith(b"HTTP/1.1 500 ")
+        assert sum("unexpected error while proxying" in r.getMessage() for r in caplog.records) == 2
+        proxy.cache.lookup_now = real  # type: ignore[method-assign]
+        assert (await request(proxy.port, b"GET", b"/v1/models")).status == 200
