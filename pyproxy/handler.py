@@ -26,7 +26,6 @@ from pyproxy.cache.layer import BYPASS, HIT, MISS, STALE, Cache
 from pyproxy.cache.policy import BYPASS as BYPASS_MODE
 from pyproxy.cache.policy import LOOKUP, RANGE, REFETCH, only_if_cached
 from pyproxy.cache.store import NEED_AWAIT
-from pyproxy.cache.validation import has_conditionals
 from pyproxy.dedup import X_DEDUP_FOLLOWER, Coalescer, Fetch
 from pyproxy.errors import (
     BadRequest,
@@ -434,7 +433,7 @@ class Handler:
         elif cache is not None and plan.cache_mode == LOOKUP:
             state = cache.judge(entry, plan.headers) if entry is not None else None
             if state is FRESH:
-                if has_conditionals(plan.headers) and cache.answer_conditional(
+                if plan.conditional and cache.answer_conditional(
                     req.client,
                     entry,  # type: ignore[arg-type]
                     plan.method,

@@ -21,7 +21,6 @@ from pyproxy.gateway.probe import GatewayChecks
 from pyproxy.gateway.relay import Gateway
 from pyproxy.handler import Handler
 from pyproxy.health import UpstreamProbe
-from pyproxy.http.headers import to_origin_form
 from pyproxy.http.messages import RequestHead
 from pyproxy.metrics import RequestMetrics, snapshot
 from pyproxy.routing import Endpoints
@@ -129,10 +128,10 @@ class Proxy:
         if not 200 <= status < 400 or self.cache is None:
             return
         try:
-            target = to_origin_form(request.target)
+            target, cache_rule, _ = self.handler.router.route(request.method, request.target)
         except BadRequest:  # pragma: no cover - refused before any response
             return
-        if self.handler.router.stores(request.method, request.target):
+        if cache_rule is not None:
             return
         host = next((v for n, v in request.headers if n == b"host"), b"")
         targets = invalidated_targets(request.method, status, target, host, b"http", headers)

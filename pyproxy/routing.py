@@ -52,6 +52,7 @@ class Plan:
         "key",
         "cache_key",
         "_identity_names",
+        "conditional",
     )
 
     def __init__(
@@ -64,10 +65,14 @@ class Plan:
         cache_mode: Optional[str],
         coalesce: bool,
         identity_names: Tuple[bytes, ...],
+        conditional: bool = False,
     ) -> None:
         self.method = method
         self.target = target
         self.headers = headers
+        # The request has preconditions of its own (RFC 9110 §13.1): its answer (a 304)
+        # is its own, so it never shares a fetch; a fresh entry may answer it 304.
+        self.conditional = conditional
         self.cache_rule = cache_rule
         self.dedup_rule = dedup_rule
         # policy.LOOKUP / REFETCH / BYPASS, or None: the cache is not involved.
@@ -97,7 +102,7 @@ class Plan:
         if self.cache_rule is None and self.dedup_rule is None:
             return False
         if self.cache_rule is None:  # coalesced by a dedup rule only
-            self.may_lead = self.may_join = True
+            self.may_lead = self.may_join = not self.conditional
         self._set_keys(body_digest(body, self.cache_rule or self.dedup_rule, parsed))  # type: ignore[arg-type]
         return True
 
@@ -147,36 +152,38 @@ class Router:
     def active(self) -> bool:
         return bool(self.methods)
 
-    def stores(self, method: bytes, raw_target: bytes) -> bool:
-        """Whether a cache rule covers this method and path (its ``when`` aside)."""
+    def route(self, method: bytes, raw_target: bytes) -> Tuple[bytes, Optional[Rule], Optional[Rule]]:
+        """The origin-form target and the cache and dedup rules for it (memoized).
+        Raises BadRequest for a target no upstream request can be made of."""
         route = self._routes.get((method, raw_target))
-        if route is None:
-            route = self._route(method, raw_target)
-        return route[1] is not None
+        return route if route is not None else self._route(method, raw_target)
 
     def plan(self, request: "RequestHead", has_body: bool) -> Optional[Plan]:
         method = request.method
         if method not in self.methods:
             return None
-        route = self._routes.get((method, request.target))
-        if route is None:
-            route = self._route(method, request.target)
-        target, cache_rule, dedup_rule = route
+        target, cache_rule, dedup_rule = self.route(method, request.target)
         safe = method in _SAFE
         if safe and has_body:
             return None  # a GET with a body is not a plain fetch: never shared or stored
         if not safe and cache_rule is None and dedup_rule is None:
             return None
         cache_mode = policy.request_mode(request.headers) if self.cache_on and (safe or cache_rule) else None
-        # A conditional request never shares a fetch: its answer (a 304) is its own.
-        coalesce = (
-            self.dedup_on
-            and (safe or cache_rule is not None or dedup_rule is not None)
-            and not has_conditionals(request.headers)
-        )
+        conditional = has_conditionals(request.headers)
+        coalesce = self.dedup_on and (safe or cache_rule is not None or dedup_rule is not None) and not conditional
         if cache_mode is None and not coalesce:
             return None
-        return Plan(method, target, request.headers, cache_rule, dedup_rule, cache_mode, coalesce, self.identity_names)
+        return Plan(
+            method,
+            target,
+            request.headers,
+            cache_rule,
+            dedup_rule,
+            cache_mode,
+            coalesce,
+            self.identity_names,
+            conditional,
+        )
 
 
 class Endpoints:

@@ -144,6 +144,11 @@ class CachedResponse:
             windows += VALIDATION_KEEP
         return self.lifetime + windows - self.age(now)
 
+    @property
+    def is_vary_marker(self) -> bool:
+        """Not a response: what a key holds for one that varies (see layer.vary_marker)."""
+        return self.status == 0
+
     def matches_vary(self, request_values: Tuple[bytes, ...]) -> bool:
         return self.vary_values == request_values
 

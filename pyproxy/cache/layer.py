@@ -189,13 +189,13 @@ class Cache:
         """The entry (the variant this request selects, §4.1), None, or NEED_AWAIT when
         the store must be awaited (``lookup``)."""
         entry = self.store.get_now(key)
-        if type(entry) is CachedResponse and entry.status == 0:  # a Vary marker
+        if type(entry) is CachedResponse and entry.is_vary_marker:
             return self.store.get_now(variant_key(key, vary_values(request_headers, entry.vary_names)))
         return entry
 
     async def lookup(self, key: bytes, request_headers: Sequence[Header]) -> Optional[CachedResponse]:
         entry = await self.store.get(key)
-        if entry is not None and entry.status == 0:
+        if entry is not None and entry.is_vary_marker:
             return await self.store.get(variant_key(key, vary_values(request_headers, entry.vary_names)))
         return entry
 
@@ -311,15 +311,13 @@ class Cache:
         self.stats.ranges += 1
         client.cache_status = HIT
         age = int(entry.age(self.clock()))
-        headers = entry.client_headers(HIT, age)
+        headers = entry.headers + [(b"x-cache", HIT), (b"age", b"%d" % age)]  # framing follows
         if wanted == UNSATISFIABLE:
-            headers = [h for h in headers if h[0] != b"content-length"]
             headers += [(b"content-range", unsatisfied_range(length)), (b"content-length", b"0")]
             client.start_response(416, b"Range Not Satisfiable", headers)
             client.finish_response()
             return True
         first, last = wanted  # type: ignore[misc]
-        headers = [h for h in headers if h[0] != b"content-length"]
         headers += [
             (b"content-range", content_range(first, last, length)),
             (b"content-length", b"%d" % (last + 1 - first)),

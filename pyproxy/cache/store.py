@@ -57,8 +57,7 @@ class CacheStats:
 
 def key_path(key: bytes) -> bytes:
     """The path part of a key (before the query and the key's other fields)."""
-    end = key.find(b"\x00")
-    target = key if end < 0 else key[:end]
+    target = key_target(key)
     query = target.find(b"?")
     return target if query < 0 else target[:query]
 
