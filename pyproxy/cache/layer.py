@@ -101,7 +101,10 @@ class Recording:
         if freshness is None:
             log.debug("not storing: %s", why)
             return False
-        self._entry_args = (status, reason, strip_framing(headers), freshness, freshness.stream)
+        stored = strip_framing(headers)
+        if freshness.omit:
+            stored = [(n, v) for n, v in stored if n not in freshness.omit]
+        self._entry_args = (status, reason, stored, freshness, freshness.stream)
         return True
 
     def not_modified(self, stale: CachedResponse, headers: Sequence[Header]) -> CachedResponse:
@@ -119,6 +122,8 @@ class Recording:
             now=now,
             request_time=self.requested_at,
         )
+        if freshness is not None and freshness.omit:
+            merged = [(n, v) for n, v in merged if n not in freshness.omit]
         entry = CachedResponse(
             stale.status,
             stale.reason,

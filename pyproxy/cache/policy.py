@@ -11,7 +11,7 @@ stale from the start. An unsafe request's answer invalidates (§4.4):
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 from pyproxy.http.dates import parse_http_date
 from pyproxy.http.messages import SAFE_METHODS
@@ -36,15 +36,18 @@ _STORABLE_STATUSES = frozenset(range(200, 600)) - {206, 304}
 
 def parse_cache_control(values: Iterable[bytes]) -> Directives:
     """Directives of every Cache-Control field line (§5.2), names lowercased,
-    quoted values unquoted. A repeated directive keeps its first value."""
+    quoted values unquoted. A repeated directive keeps its first value. The grammar
+    allows no whitespace around "=" (``token [ "=" ( token / quoted-string ) ]``):
+    ``max-age =100`` and ``max-age= 100`` are not max-age, and are ignored."""
     directives: Directives = {}
     for value in values:
         for item in _split_list(value):
-            name, eq, arg = item.partition(b"=")
-            name = name.strip().lower()
+            name, eq, arg = item.strip().partition(b"=")
+            if eq and (name[-1:].isspace() or arg[:1].isspace()):
+                continue
+            name = name.lower()
             if not name:
                 continue
-            arg = arg.strip()
             if arg.startswith(b'"') and arg.endswith(b'"') and len(arg) >= 2:
                 arg = arg[1:-1]
             directives.setdefault(name, arg if eq else None)
@@ -169,7 +172,7 @@ def request_max_age(headers: Sequence[Header]) -> Optional[int]:
 class Freshness:
     """What storing a response was decided with (§4.2): its lifetime and stale windows."""
 
-    __slots__ = ("lifetime", "initial_age", "stale_while_revalidate", "stale_if_error", "vary", "stream")
+    __slots__ = ("lifetime", "initial_age", "stale_while_revalidate", "stale_if_error", "vary", "stream", "omit")
 
     def __init__(
         self,
@@ -179,8 +182,12 @@ class Freshness:
         stale_if_error: float,
         vary: Tuple[bytes, ...],
         stream: bool = False,
+        omit: FrozenSet[bytes] = frozenset(),
     ) -> None:
         self.stream = stream  # an event stream (stored only where a rule allows it)
+        # Fields a qualified ``no-cache="..."`` or ``private="..."`` names: the rest
+        # of the response is stored without them (§5.2.2.4, §5.2.2.7).
+        self.omit = omit
         self.lifetime = lifetime
         self.initial_age = initial_age
         self.stale_while_revalidate = stale_while_revalidate
@@ -286,9 +293,18 @@ def decide_storage(
     cc = parse_cache_control(fields.cache_control) if fields.cache_control else {}
     if b"no-store" in cc:
         return None, "response no-store"  # §5.2.2.5
+    omit: FrozenSet[bytes] = frozenset()
     if b"private" in cc:
-        return None, "response private"  # §5.2.2.7: a shared cache must not store it
+        named = _field_names(cc[b"private"])
+        if not named:
+            return None, "response private"  # §5.2.2.7: a shared cache must not store it
+        omit = named  # the qualified form: only the named fields are private
     always_revalidate = False
+    if b"no-cache" in cc and _field_names(cc[b"no-cache"]):
+        # §5.2.2.4, the qualified form: the named fields must not be reused without
+        # validation -- stored without them, the rest is used as its freshness allows.
+        omit = omit | _field_names(cc[b"no-cache"])
+        cc = {k: v for k, v in cc.items() if k != b"no-cache"}
     if b"no-cache" in cc:
         if rule is None:
             # §5.2.2.4: usable only after validation, on every request: stored as
@@ -338,7 +354,15 @@ def decide_storage(
         swr = sie = 0.0
     if lifetime - initial_age <= 0 and swr <= 0 and sie <= 0 and not fields.validator:
         return None, "already stale"  # with a validator it is kept, to be revalidated (§4.3)
-    return Freshness(float(lifetime), initial_age, swr, sie, names, stream), ""
+    return Freshness(float(lifetime), initial_age, swr, sie, names, stream, omit), ""
+
+
+def _field_names(argument: Optional[bytes]) -> FrozenSet[bytes]:
+    """The field names a qualified ``no-cache`` or ``private`` lists, lowercased;
+    empty for the unqualified directive."""
+    if not argument:
+        return frozenset()
+    return frozenset(name.strip().lower() for name in argument.split(b",") if name.strip())
 
 
 def _explicit_lifetime(

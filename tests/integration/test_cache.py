@@ -634,3 +634,28 @@ async def test_a_clients_validator_against_a_stale_entry_is_merged_and_answered_
         assert other.status == 200 and other.header(b"x-cache") == b"MISS"
         assert origin.requests[-1].header(b"if-none-match") == b'"v0"'  # not merged: as written
         assert len(origin.requests) == 3
+
+
+async def test_fields_a_qualified_no_cache_private_or_connection_names_are_not_stored() -> None:
+    """§5.2.2.4 and §5.2.2.7: ``no-cache="a"`` and ``private="p"`` keep the named
+    fields out of the stored response, which is otherwise reused while fresh; RFC
+    9110 §7.6.1: fields the upstream's Connection names are its hop's own, never
+    relayed nor stored."""
+    headers = [
+        (b"cache-control", b'no-cache="a", private="p"'),
+        (b"cache-control", b"max-age=3600"),
+        (b"connection", b"x-hop"),
+        (b"x-hop", b"1"),
+        (b"a", b"1"),
+        (b"p", b"2"),
+        (b"b", b"3"),
+    ]
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        add_counting_route(origin, b"/q", headers)
+        first = await request(proxy.port, b"GET", b"/q")
+        assert first.header(b"x-cache") == b"MISS" and first.header(b"a") == b"1"
+        assert first.header(b"x-hop") is None
+        hit = await request(proxy.port, b"GET", b"/q")
+        assert hit.header(b"x-cache") == b"HIT" and hits(origin, b"/q") == 1
+        assert hit.header(b"b") == b"3"
+        assert hit.header(b"a") is None and hit.header(b"p") is None and hit.header(b"x-hop") is None

@@ -271,6 +271,26 @@ STORAGE_CASES = [
         "event stream",
     ),
     (
+        'qualified no-cache="a": the rest is stored, fresh (§5.2.2.4)',
+        b"GET",
+        200,
+        [],
+        [(b"cache-control", b'no-cache="a"'), (b"a", b"1"), (b"cache-control", b"max-age=3600")],
+        None,
+        3600.0,
+        "",
+    ),
+    (
+        'qualified private="a": the rest is stored by a shared cache (§5.2.2.7)',
+        b"GET",
+        200,
+        [],
+        [(b"cache-control", b'private="a", max-age=60')],
+        None,
+        60.0,
+        "",
+    ),
+    (
         "event stream with stream = true",
         b"GET",
         200,
@@ -294,6 +314,30 @@ def test_storage_rules(case: tuple) -> None:
     else:
         assert freshness is not None, why
         assert freshness.lifetime == lifetime
+
+
+def test_qualified_no_cache_and_private_name_the_fields_left_out() -> None:
+    """§5.2.2.4, §5.2.2.7: the listed fields (case-insensitive, one list or several
+    directives) are what the stored response goes without."""
+    freshness, why = decide_storage(
+        method=b"GET",
+        status=200,
+        request_headers=[],
+        response_headers=[(b"cache-control", b'no-cache="A, b", max-age=60, private="X-Secret"')],
+        rule=None,
+        now=NOW,
+    )
+    assert freshness is not None, why
+    assert freshness.omit == {b"a", b"b", b"x-secret"}
+    unqualified, _ = decide_storage(
+        method=b"GET",
+        status=200,
+        request_headers=[],
+        response_headers=[(b"cache-control", b"max-age=60")],
+        rule=None,
+        now=NOW,
+    )
+    assert unqualified is not None and not unqualified.omit
 
 
 @pytest.mark.parametrize(
@@ -373,6 +417,10 @@ def test_request_modes(headers: H, mode: str) -> None:
 
 
 def test_cache_control_parsing() -> None:
+    # No whitespace around "=" (§5.2): such a directive is not the one it looks like.
+    assert parse_cache_control([b"max-age =100, public"]) == {b"public": None}
+    assert parse_cache_control([b"max-age= 100"]) == {}
+    assert parse_cache_control([b'ext="max-age=100", max-age=1']) == {b"ext": b"max-age=100", b"max-age": b"1"}
     cc = parse_cache_control([b'max-age=5, no-cache="set-cookie, x", Private', b's-maxage="9"'])
     assert cc == {b"max-age": b"5", b"no-cache": b"set-cookie, x", b"private": None, b"s-maxage": b"9"}
     assert policy.delta_seconds(b"99999999999999") == 2**31  # §1.2.2
