@@ -132,7 +132,10 @@ def answers_not_modified(method: bytes, request_headers: Sequence[Header], store
     if if_modified_since is None:
         return False
     since = parse_http_date(if_modified_since)
+    # §4.3.2: without a Last-Modified, the stored response's Date stands in for it.
     modified = _first(stored, b"last-modified")
+    if modified is None:
+        modified = _first(stored, b"date")
     when = parse_http_date(modified) if modified is not None else None
     return since is not None and when is not None and when <= since
 

@@ -104,6 +104,15 @@ def test_when_a_fresh_entry_answers_304(method: bytes, request_headers: list, ex
     assert has_conditionals(request_headers) is bool(request_headers)
 
 
+def test_without_last_modified_the_stored_date_answers_if_modified_since() -> None:
+    """§4.3.2: the Date of a stored response with no Last-Modified stands in for it."""
+    dated = [(b"date", b"Sun, 06 Nov 1994 08:49:37 GMT"), (b"cache-control", b"max-age=10")]
+    assert answers_not_modified(b"GET", [(b"if-modified-since", b"Sun, 06 Nov 1994 08:49:37 GMT")], dated)
+    assert not answers_not_modified(b"GET", [(b"if-modified-since", b"Sat, 05 Nov 1994 08:49:37 GMT")], dated)
+    undated = [(b"cache-control", b"max-age=10")]
+    assert not answers_not_modified(b"GET", [(b"if-modified-since", b"Sun, 06 Nov 1994 08:49:37 GMT")], undated)
+
+
 def test_a_304_from_the_cache_carries_what_a_200_would_have_of_its_fields() -> None:
     """RFC 9110 §15.4.5."""
     assert not_modified_headers(STORED) == [(b"etag", b'"abc"'), (b"cache-control", b"max-age=10")]
