@@ -15,7 +15,8 @@ import logging
 from typing import Any, List, Optional, Sequence, Set, Union
 
 from pyproxy.cache.entry import CachedResponse
-from pyproxy.cache.store import NEED_AWAIT, CacheStats, key_target, purge_matches
+from pyproxy.cache.key import VARIANT_SEPARATOR
+from pyproxy.cache.store import MAX_VARIANTS, NEED_AWAIT, CacheStats, key_target, purge_matches
 
 log = logging.getLogger("pyproxy.cache")
 
@@ -42,7 +43,22 @@ if redis.call('SCARD', KEYS[2]) > tonumber(ARGV[3]) then
   end
 end
 if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+if KEYS[3] then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000000 + tonumber(t[2]), KEYS[1])
+  local extra = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[4])
+  if extra > 0 then
+    local popped = redis.call('ZPOPMIN', KEYS[3], extra)  -- member, score, member, ...
+    for i = 1, #popped, 2 do redis.call('UNLINK', popped[i]) end
+  end
+  if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
+end
 """
+# Per key whose responses Vary, a sorted set of its variants' keys by when each was
+# stored (Redis TIME): past MAX_VARIANTS the earliest stored go, so one key cannot
+# fill Redis with variants (RFC 9111 §4.1). Stored order, not use order: bumping on
+# every hit would make each read a write.
+VARIANTS = b"pyproxy:v:"
 # The entries of each index named, and the index; their number.
 _INVALIDATE_SCRIPT = """
 local removed = 0
@@ -144,8 +160,12 @@ class RedisStore:
 
     async def _put(self, key: bytes, value: bytes, ttl_ms: int) -> None:
         keys = [NAMESPACE + key, INDEX + key_target(key)]
+        cut = key.find(VARIANT_SEPARATOR)
+        if cut >= 0:
+            keys.append(VARIANTS + key[:cut])
+        args = [value, ttl_ms, INDEX_PRUNE_ABOVE, MAX_VARIANTS]
         try:
-            await asyncio.wait_for(self._put_script(keys, [value, ttl_ms, INDEX_PRUNE_ABOVE]), self.timeout)
+            await asyncio.wait_for(self._put_script(keys, args), self.timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -228,3 +228,41 @@ async def test_two_variants_are_both_served_through_redis() -> None:
                 resp = await request(b.port, b"GET", b"/v", [(b"accept-language", language)])
                 assert resp.header(b"x-cache") == b"HIT" and resp.body == b"in " + language
             assert len(origin.requests) == 2
+
+
+async def test_variants_per_key_are_bounded_in_redis_too() -> None:
+    """RFC 9111 §4.1 with bounded memory: past MAX_VARIANTS variants of one key, the
+    earliest stored leave Redis (the marker stays), seen from a second instance."""
+    from pyproxy.cache.store import MAX_VARIANTS
+
+    async with RedisServer() as server, Origin() as origin:
+
+        @origin.route(b"/v")
+        async def varying(req: Received, reply: Reply) -> None:
+            language = req.header(b"accept-language") or b"-"
+            await reply.full(
+                200, b"in " + language, [(b"cache-control", b"max-age=600"), (b"vary", b"accept-language")]
+            )
+
+        languages = [b"l%d" % i for i in range(MAX_VARIANTS + 2)]
+        async with (
+            running_proxy(origin.url, cache_backend=server.url) as a,
+            running_proxy(origin.url, cache_backend=server.url) as b,
+        ):
+            assert a.cache is not None
+            loop = asyncio.get_running_loop()
+            for language in languages:  # one at a time, each write done before the next
+                resp = await request(a.port, b"GET", b"/v", [(b"accept-language", language)])
+                assert resp.header(b"x-cache") == b"MISS"
+                deadline = loop.time() + 5
+                while a.cache.store._writes:
+                    assert loop.time() < deadline, "a write to Redis never finished"
+                    await asyncio.sleep(0.01)
+            assert await redis_keys(server) == 1 + MAX_VARIANTS  # the marker and the newest
+            for language in reversed(languages[2:]):
+                resp = await request(b.port, b"GET", b"/v", [(b"accept-language", language)])
+                assert resp.header(b"x-cache") == b"HIT" and resp.body == b"in " + language
+            for language in languages[:2]:
+                assert (await request(b.port, b"GET", b"/v", [(b"accept-language", language)])).header(
+                    b"x-cache"
+                ) == b"MISS"
