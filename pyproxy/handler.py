@@ -46,7 +46,7 @@ from pyproxy.http.headers import (
     to_origin_form,
     upstream_request_headers,
 )
-from pyproxy.http.messages import RequestHead, ResponseHead
+from pyproxy.http.messages import IDEMPOTENT_METHODS, RequestHead, ResponseHead
 from pyproxy.metrics import RequestMetrics
 from pyproxy.routing import UNPARSED, Plan, Router
 from pyproxy.rules import request_path
@@ -61,8 +61,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("pyproxy.handler")
 
-# RFC 9110 §9.2.2: a request with one of these methods may be repeated.
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 # Request bodies kept for a retry on a stale connection, at most this much.
 REPLAY_LIMIT = 64 * 1024
 # Retries of one request after reused connections died before answering. Each
@@ -355,7 +353,7 @@ class Handler:
             self.gateway.dispatch(self, sink, outbound, body, sent)  # type: ignore[union-attr]
             return
         if body.complete:
-            conn = self.pool.take_idle()
+            conn = self.pool.take_idle(outbound.method not in IDEMPOTENT_METHODS)
             if conn is not None:
                 exchange = Exchange(sink, conn, body, self, outbound, sent, with_future=False)
                 sink.exchange = exchange
@@ -605,7 +603,7 @@ class Handler:
         # Body chunks written so far, kept (up to REPLAY_LIMIT) for an idempotent retry.
         replay: Optional[List[bytes]] = list(sent or ()) if outbound.method in IDEMPOTENT_METHODS else None
         while True:
-            conn = await self.pool.acquire(fresh=retries > 0)
+            conn = await self.pool.acquire(fresh=retries > 0, probe=replay is None)
             if client.gone or body.error is not None:
                 # The sink left while the connection was found, and the cancellation
                 # did not reach us (see ConnectionPool._open), or the body failed (too

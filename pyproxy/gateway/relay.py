@@ -32,7 +32,7 @@ from pyproxy.gateway.config import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_DEADLINE,
 from pyproxy.gateway.models import GatewayRoutes, Target, rewrite_model
 from pyproxy.gateway.state import UpstreamState
 from pyproxy.http.headers import client_response_headers
-from pyproxy.http.messages import ResponseHead
+from pyproxy.http.messages import IDEMPOTENT_METHODS, ResponseHead
 from pyproxy.sink import ClientGone
 from pyproxy.upstream.pool import ConnectionPool
 
@@ -49,8 +49,6 @@ CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})
 # The stale keep-alive race (RFC 9112 §9.3.1) is retried on a fresh connection to the
 # same upstream this many times; it is nobody's failure.
 MAX_STALE_RETRIES = 3
-# RFC 9110 §9.2.2: a request with one of these methods may be repeated.
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 _STATUS_LABELS = {status: str(status) for status in range(100, 600)}
@@ -398,10 +396,10 @@ class Gateway:
         self, handler: "Handler", sink: Any, run: "Run", body: "RequestBody", deployment: Deployment
     ) -> bool:
         """The first attempt on an idle connection, if the deployment has one."""
-        conn = self.pools[deployment.upstream].take_idle()
+        request = run.request
+        conn = self.pools[deployment.upstream].take_idle(request.method not in IDEMPOTENT_METHODS)
         if conn is None:
             return False
-        request = run.request
         attempt = self._begin(run, deployment)
         exchange = self._exchange(sink, conn, body, handler, None, run.sent, with_future=False)
         exchange.attempt = attempt
@@ -501,7 +499,7 @@ class Gateway:
         again; raises what the client is answered with."""
         request, deployment = run.request, attempt.deployment
         try:
-            conn = await pool.acquire(fresh=run.fresh)
+            conn = await pool.acquire(fresh=run.fresh, probe=request.method not in IDEMPOTENT_METHODS)
         except UpstreamError as exc:  # connect refused or timed out, or the pool's wait
             if self._judge(run, attempt, exc, False, body, pool, acquiring=True):
                 return False

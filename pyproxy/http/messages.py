@@ -8,6 +8,8 @@ Header = Tuple[bytes, bytes]
 
 # RFC 9110 §9.2.1: the safe methods. Any other (unknown ones included) is unsafe.
 SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+# RFC 9110 §9.2.2: a request that may be sent again without a second effect.
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 class RequestHead:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 from typing import TYPE_CHECKING, Any, List, Optional
 
@@ -44,6 +45,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from pyproxy.upstream.pool import ConnectionPool
 
 log = logging.getLogger("pyproxy.upstream")
+# One poll object for every probe (register, poll, unregister: one system call);
+# poll(2), not select(2), which refuses descriptors past FD_SETSIZE.
+_PROBE = select.poll()
 
 CONNECTING = "connecting"
 ACTIVE = "active"
@@ -129,6 +133,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_h11",
         "_chunks",
         "_paused_since",
+        "_probe_fd",
     )
 
     def __init__(self, pool: "ConnectionPool", loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
@@ -157,12 +162,33 @@ class UpstreamConnection(asyncio.Protocol):
         self._h11: Optional[h11.Connection] = None
         self._chunks: Optional[ChunkedDecoder] = None
         self._paused_since = 0.0
+        self._probe_fd = -1  # the socket's fd, for peer_closed (cleartext only)
 
     # --- asyncio callbacks ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         set_nodelay(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            # Over TLS a readable socket may only hold a session ticket: not a sign
+            # of a closed peer, so only cleartext connections are probed.
+            self._probe_fd = sock.fileno()
+
+    def peer_closed(self) -> bool:
+        """Whether an idle connection's socket is readable -- the peer's FIN (or RST,
+        or stray bytes) is waiting that the loop has not yet delivered. Nothing may
+        arrive on an idle connection (RFC 9112 §9.3), so readable means unusable.
+        One poll(2) with no wait, as urllib3's is_connection_dropped: it narrows the
+        race of RFC 9112 §9.3.1 for requests that cannot be retried once written."""
+        fd = self._probe_fd
+        if fd < 0:
+            return False
+        _PROBE.register(fd, select.POLLIN)
+        try:
+            return bool(_PROBE.poll(0))
+        finally:
+            _PROBE.unregister(fd)
 
     def data_received(self, data: bytes) -> None:
         self.last_read = self.loop.time()

@@ -109,14 +109,15 @@ class ConnectionPool:
 
     # --- checkout ----------------------------------------------------------------
 
-    async def acquire(self, fresh: bool = False) -> UpstreamConnection:
+    async def acquire(self, fresh: bool = False, probe: bool = False) -> UpstreamConnection:
         """A connection for one exchange. ``fresh``: skip the idle ones (a retry after a
         stale connection: the others idle as long may be stale too) and open a new one
-        while the bound allows; at the bound, a released connection is still taken."""
+        while the bound allows; at the bound, a released connection is still taken.
+        ``probe``: see take_idle."""
         if self.closed:
             raise UpstreamConnectError("proxy is shutting down")
         if not fresh:
-            conn = self.take_idle()
+            conn = self.take_idle(probe)
             if conn is not None:
                 return conn
         elif self.size >= self.max_connections and self.idle:
@@ -129,8 +130,11 @@ class ConnectionPool:
             return await self._open()
         return grant  # type: ignore[return-value]
 
-    def take_idle(self) -> Optional[UpstreamConnection]:
-        """Decide: the most recently used live connection, closing expired ones."""
+    def take_idle(self, probe: bool = False) -> Optional[UpstreamConnection]:
+        """Decide: the most recently used live connection, closing expired ones.
+        ``probe`` (for a request that is not retried once written): first ask the
+        socket whether the upstream already closed it (UpstreamConnection.peer_closed);
+        such a connection is closed and the next one tried."""
         now = self.loop.time()
         idle = self.idle
         while idle:
@@ -142,6 +146,10 @@ class ConnectionPool:
                 self.stats.expired += 1 + len(idle)
                 self._close_all_idle(conn)
                 return None
+            if probe and conn.peer_closed():
+                self.stats.stale_closed += 1
+                conn.close()
+                continue
             conn.state = ACTIVE
             self.active.add(conn)
             self.stats.reuses += 1

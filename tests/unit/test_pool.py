@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import select
+import socket
 
 import pytest
 
@@ -155,3 +157,37 @@ async def test_cancelled_waiter_passes_its_grant_on() -> None:
     await asyncio.gather(waiter, return_exceptions=True)
     assert list(pool.idle) == [conn] and conn.state == IDLE  # not leaked
     pool.close()
+
+
+async def test_a_probe_finds_what_the_upstream_closed_before_the_loop_has_seen_it() -> None:
+    """RFC 9112 §9.3.1's race, narrowed for requests that are not retried once
+    written: the upstream's FIN sits in the socket, the loop has not delivered it
+    yet, and take_idle(probe=True) skips that connection for a healthy one (real
+    sockets; the loop never runs between the close and the take)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(5)
+        port = listener.getsockname()[1]
+        pool = make_pool(upstream=parse_upstream(f"http://127.0.0.1:{port}"))
+        a, b = await pool.acquire(), await pool.acquire()
+        accepted = {}
+        for _ in range(2):
+            server_side, peer = listener.accept()
+            accepted[peer] = server_side
+        try:
+            pool.release(a)
+            pool.release(b)  # LIFO: b would be taken first
+            assert b.transport is not None
+            sock = b.transport.get_extra_info("socket")
+            accepted[sock.getsockname()].close()  # the upstream closes b
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            assert poller.poll(5000), "the FIN never reached b's socket"
+            assert b.state == IDLE  # the loop has not seen it
+            assert pool.take_idle(probe=True) is a
+            assert b.state == CLOSED and pool.stats.stale_closed == 1
+            pool.release(a)
+            assert pool.take_idle(probe=True) is a  # a live connection passes the probe
+        finally:
+            for server_side in accepted.values():
+                server_side.close()
+            pool.close()
