@@ -205,16 +205,19 @@ async def test_an_unsafe_request_through_one_proxy_invalidates_for_every_proxy_a
                 assert (await request(a.port, b"GET", b"/items", caller)).header(b"x-cache") == b"MISS"
 
 
+def serve_by_language(origin: Origin) -> None:
+    """/v answers in the request's Accept-Language, varying on it, fresh for 10 minutes."""
+
+    @origin.route(b"/v")
+    async def varying(req: Received, reply: Reply) -> None:
+        language = req.header(b"accept-language") or b"-"
+        await reply.full(200, b"in " + language, [(b"cache-control", b"max-age=600"), (b"vary", b"accept-language")])
+
+
 async def test_two_variants_are_both_served_through_redis() -> None:
     """RFC 9111 §4.1 in the shared store: the marker and each variant under its key."""
     async with RedisServer() as server, Origin() as origin:
-
-        @origin.route(b"/v")
-        async def varying(req: Received, reply: Reply) -> None:
-            language = req.header(b"accept-language") or b"-"
-            await reply.full(
-                200, b"in " + language, [(b"cache-control", b"max-age=600"), (b"vary", b"accept-language")]
-            )
+        serve_by_language(origin)
 
         async with (
             running_proxy(origin.url, cache_backend=server.url) as a,
@@ -236,13 +239,7 @@ async def test_variants_per_key_are_bounded_in_redis_too() -> None:
     from pyproxy.cache.store import MAX_VARIANTS
 
     async with RedisServer() as server, Origin() as origin:
-
-        @origin.route(b"/v")
-        async def varying(req: Received, reply: Reply) -> None:
-            language = req.header(b"accept-language") or b"-"
-            await reply.full(
-                200, b"in " + language, [(b"cache-control", b"max-age=600"), (b"vary", b"accept-language")]
-            )
+        serve_by_language(origin)
 
         languages = [b"l%d" % i for i in range(MAX_VARIANTS + 2)]
         async with (
