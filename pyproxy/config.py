@@ -525,7 +525,7 @@ def load_toml(path: str) -> Dict[str, Any]:
 
 _SECTIONS = {"cache": CACHE_RULE_KEYS, "dedup": DEDUP_RULE_KEYS}
 # The gateway's tables (pyproxy/gateway/config.py), parsed once the routes are known.
-GATEWAY_TABLES = ("upstreams", "models", "model_aliases", "default_upstream")
+GATEWAY_TABLES = ("upstreams", "models", "model_aliases", "default_upstream", "batching")
 
 
 def _flatten_toml(

@@ -773,14 +773,15 @@ class Handler:
         # The body came with the head (most chat requests): routed without a task.
         whole = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         try:
-            target, parsed = self._by_model(whole, plan)
+            target, value, parsed = self._by_model(whole, plan)
         except ProxyError as exc:
             client.send_error(exc)
             return
-        self._gateway_go(client, request, framing, body, target, plan, [whole], whole, parsed)
+        self._gateway_go(client, request, framing, body, target, plan, [whole], whole, parsed, value)
 
-    def _by_model(self, whole: bytes, plan: Optional[Plan]) -> Tuple[Target, Any]:
-        """The target of a model-routed body, and the parse the cache key reuses."""
+    def _by_model(self, whole: bytes, plan: Optional[Plan]) -> Tuple[Target, Any, Any]:
+        """The target of a model-routed body, its JSON value, and the parse the cache
+        key reuses."""
         limit = self.route_body_bytes
         if len(whole) > limit:
             raise BodyTooLarge(f"a request routed by model may have at most {limit} body bytes")
@@ -789,9 +790,9 @@ class Handler:
             raise BadRequest("the request body is not valid JSON")
         target = self.gateway.routes.by_model(value)  # type: ignore[union-attr]
         if plan is None:
-            return target, UNPARSED
+            return target, value, UNPARSED
         # Cache and coalescing keys name the public model, not the alias.
-        return target, (True, dict(value, model=target.public_model))
+        return target, value, (True, dict(value, model=target.public_model))
 
     async def _gateway_task(
         self,
@@ -806,6 +807,7 @@ class Handler:
         assert gateway is not None
         whole: Optional[bytes] = None
         parsed: Any = UNPARSED
+        value: Any = None
         chunks: List[bytes] = []
         try:
             if framing.has_body:
@@ -821,7 +823,7 @@ class Handler:
                         raise BodyTooLarge(f"a request routed by model may have at most {limit} body bytes")
                 whole = b"".join(chunks)
                 chunks = [whole]
-                target, parsed = self._by_model(whole, plan)
+                target, value, parsed = self._by_model(whole, plan)
             elif not body.started:
                 await body.wait_started()
             elif body.error is not None:
@@ -837,7 +839,7 @@ class Handler:
             routed = self.routed_request(client, request, framing, self.assign_request_id(client, request), target)
             await gateway.run(self, client, Run(routed, chunks), body)
             return
-        self._gateway_go(client, request, framing, body, target, plan, chunks, whole, parsed)
+        self._gateway_go(client, request, framing, body, target, plan, chunks, whole, parsed, value)
 
     def _gateway_go(
         self,
@@ -850,17 +852,25 @@ class Handler:
         chunks: List[bytes],
         whole: Optional[bytes],
         parsed: Any,
+        value: Any = None,
     ) -> None:
+        """``value``: the body's JSON when routed by model; kept for the batcher only."""
+        gateway = self.gateway
+        assert gateway is not None
         if plan is None:
             routed = self.routed_request(client, request, framing, self.assign_request_id(client, request), target)
             routed.whole = whole
-            self.gateway.dispatch(self, client, routed, body, chunks)  # type: ignore[union-attr]
+            if gateway.batcher is not None:
+                routed.parsed = value
+            gateway.dispatch(self, client, routed, body, chunks)
             return
         req = Keyed(self, client, request, framing, body, plan, chunks)
         routed = req._outbound
         assert type(routed) is RoutedRequest
         routed.route = target
         routed.whole = whole
+        if gateway.batcher is not None:
+            routed.parsed = value
         req.parsed = parsed
         if plan.needs_body and whole is None and not body.complete:
             client.task = client.loop.create_task(self._keyed_collect(req))

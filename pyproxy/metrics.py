@@ -44,15 +44,16 @@ DEFAULT_UPSTREAM = "default"
 
 
 class Histogram:
-    __slots__ = ("counts", "total", "count")
+    __slots__ = ("bounds", "counts", "total", "count")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+    def __init__(self, bounds: Sequence[float] = DURATION_BUCKETS) -> None:
+        self.bounds = bounds  # upper bounds, ascending
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.total = 0.0
         self.count = 0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect_left(DURATION_BUCKETS, value)] += 1
+        self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
         self.count += 1
 
@@ -140,6 +141,8 @@ def snapshot(proxy: "Proxy") -> Dict[str, Any]:
         data["cache"] = proxy.cache.stats.as_dict()
     if proxy.gateway is not None:
         data["upstreams"] = proxy.gateway.snapshot()
+        if proxy.gateway.batcher is not None:
+            data["batching"] = proxy.gateway.batcher.stats.snapshot()
     return data
 
 
@@ -150,7 +153,10 @@ def merge_snapshots(snapshots: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     durations: Dict[Tuple[str, ...], Dict[str, Any]] = {}
     ttfb: Dict[Tuple[str, ...], Dict[str, Any]] = {}
     upstreams: Dict[str, Dict[str, Any]] = {}
+    batching: Dict[str, Any] = {}
     for snap in snapshots:
+        if "batching" in snap:
+            _merge_batching(batching, snap["batching"])
         for name, numbers in snap.get("upstreams", {}).items():
             into = upstreams.setdefault(name, {"requests": {}, "attempts": {}, "ejections": 0, "up": 0, "in_flight": 0})
             for table in ("requests", "attempts"):
@@ -177,7 +183,21 @@ def merge_snapshots(snapshots: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     merged["upstream_ttfb"] = [[list(k), h] for k, h in ttfb.items()]
     if upstreams:
         merged["upstreams"] = upstreams
+    if batching:
+        merged["batching"] = batching
     return merged
+
+
+def _merge_batching(into: Dict[str, Any], numbers: Dict[str, Any]) -> None:
+    for name in ("batches", "inputs"):
+        into[name] = into.get(name, 0) + numbers[name]
+    fallbacks = into.setdefault("fallbacks", {})
+    for reason, value in numbers["fallbacks"].items():
+        fallbacks[reason] = fallbacks.get(reason, 0) + value
+    hists = into.setdefault("_hists", {})
+    for name in ("inputs_per_batch", "wait"):
+        _add_hist(hists, name, numbers[name])
+        into[name] = hists[name]
 
 
 def _add_hist(target: Dict[Any, Dict[str, Any]], key: Any, hist: Dict[str, Any]) -> None:
@@ -225,6 +245,7 @@ class SnapshotCollector:
             ttfb.add_metric([endpoint, upstream], _buckets(hist), hist["total"])
         yield ttfb
         yield from _upstream_families(snap.get("upstreams"))
+        yield from _batching_families(snap.get("batching"))
         yield _single(GaugeMetricFamily, "proxy_requests_in_flight", "Requests being answered", snap["in_flight"])
         yield _single(
             GaugeMetricFamily, "proxy_client_connections", "Open client connections", snap["client_connections"]
@@ -329,9 +350,39 @@ def _upstream_families(upstreams: Any) -> Iterator[Any]:
     yield from (requests, attempts, ejections, up, in_flight)
 
 
-def _buckets(hist: Dict[str, Any]) -> List[Tuple[str, float]]:
+def _batching_families(batching: Any) -> Iterator[Any]:
+    """The embeddings batcher's metrics ([[batching]])."""
+    if not batching:
+        return
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+    from pyproxy.gateway.batcher import INPUT_BUCKETS, WAIT_BUCKETS
+
+    yield _single(
+        CounterMetricFamily, "proxy_batch_requests", "Upstream requests sent by the batcher", batching["batches"]
+    )
+    yield _single(CounterMetricFamily, "proxy_batch_inputs", "Inputs those requests carried", batching["inputs"])
+    fallbacks = CounterMetricFamily(
+        "proxy_batch_fallbacks",
+        "Requests a batching rule covers that went alone, by reason (too_large, unbatchable, client_error)",
+        labels=["reason"],
+    )
+    for reason, value in sorted(batching["fallbacks"].items()):
+        fallbacks.add_metric([reason], value)
+    yield fallbacks
+    for name, key, bounds, help_text in (
+        ("proxy_batch_size_inputs", "inputs_per_batch", INPUT_BUCKETS, "Inputs per upstream request of the batcher"),
+        ("proxy_batch_wait_seconds", "wait", WAIT_BUCKETS, "Time a request waited for its batch to be sent"),
+    ):
+        hist = batching[key]
+        family = HistogramMetricFamily(name, help_text)
+        family.add_metric([], _buckets(hist, bounds), hist["total"])
+        yield family
+
+
+def _buckets(hist: Dict[str, Any], bounds: Sequence[float] = DURATION_BUCKETS) -> List[Tuple[str, float]]:
     out, running = [], 0
-    for bound, count in zip(list(DURATION_BUCKETS) + [float("inf")], hist["counts"]):
+    for bound, count in zip(list(bounds) + [float("inf")], hist["counts"]):
         running += count
         out.append(("+Inf" if bound == float("inf") else repr(bound), running))
     return out

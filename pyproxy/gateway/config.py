@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
+from pyproxy.gateway.batching import BatchConfigError, BatchRule, parse_batching
 from pyproxy.rules import Rule
 
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
@@ -107,6 +108,7 @@ class GatewayConfig:
     route_specs: Tuple[ModelSpec, ...] = ()
     default_upstream: Optional[str] = None  # None: no default (404); else an upstream name
     upstream_names: Tuple[str, ...] = field(default=())
+    batching: Tuple[BatchRule, ...] = ()  # [[batching]]: embeddings requests batched upstream
 
     def upstream(self, name: str) -> UpstreamSpec:
         for spec in self.upstreams:
@@ -239,7 +241,7 @@ def parse_gateway(
 ) -> Optional[GatewayConfig]:
     """The gateway config from the top-level TOML tables, or None (no ``[[upstreams]]``)."""
     if "upstreams" not in tables:
-        for key in ("models", "model_aliases", "default_upstream"):
+        for key in ("models", "model_aliases", "default_upstream", "batching"):
             if key in tables:
                 raise GatewayConfigError(f"{key}: needs [[upstreams]]")
         for i, raw in enumerate(tables.get("routes", [])):
@@ -290,6 +292,13 @@ def parse_gateway(
             continue  # a name for the metrics only
         gateway_routes.append(rule)
         route_specs.append(spec)
+    try:
+        batching = parse_batching(tables.get("batching", []))
+    except BatchConfigError as exc:
+        raise GatewayConfigError(str(exc)) from None
+    if batching and not models:
+        # A batch goes to one model's deployments: the body's "model" must be read.
+        raise GatewayConfigError("batching: needs [[models]] (requests are batched per model)")
     default = tables.get("default_upstream", specs[0].name)
     if default != NO_DEFAULT and default not in by_name:
         raise GatewayConfigError(f'default_upstream: no upstream named {default!r} (or "none")')
@@ -301,4 +310,5 @@ def parse_gateway(
         route_specs=tuple(route_specs),
         default_upstream=None if default == NO_DEFAULT else default,
         upstream_names=tuple(by_name),
+        batching=batching,
     )

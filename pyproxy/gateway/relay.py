@@ -28,6 +28,7 @@ from pyproxy.errors import (
 )
 from pyproxy.gateway import outlier
 from pyproxy.gateway.balancer import choose, observe_latency, soonest_recovery
+from pyproxy.gateway.batcher import Batcher
 from pyproxy.gateway.config import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_DEADLINE, Deployment, GatewayConfig, UpstreamSpec
 from pyproxy.gateway.models import GatewayRoutes, Target, rewrite_model
 from pyproxy.gateway.state import UpstreamState
@@ -79,6 +80,7 @@ class RoutedRequest:
         "_bodies",
         "content_length",
         "retry_until",
+        "parsed",
     )
 
     def __init__(
@@ -100,6 +102,7 @@ class RoutedRequest:
         self.whole = whole  # the whole body when it was read to route by model, else None
         self._bodies: Optional[Dict[str, bytes]] = None  # renamed bodies, by model name
         self.retry_until = 0.0  # the loop time after which no attempt starts (see dispatch)
+        self.parsed: Any = None  # the parsed body, kept only for the batcher
 
     def body_for(self, deployment: Deployment) -> Optional[bytes]:
         """The body for this deployment: the model renamed when it must be, else as sent."""
@@ -309,6 +312,8 @@ class Gateway:
         self.requests_in_flight = 0
         self.retries_in_flight = 0
         self._exchange = _exchange_class()
+        # [[batching]]: the requests a rule covers go through the batcher.
+        self.batcher = Batcher(self, config.batching, loop) if config.batching else None
 
     # --- deciding, with the pure functions -----------------------------------------------
 
@@ -376,6 +381,18 @@ class Gateway:
     # --- acting ------------------------------------------------------------------------
 
     def dispatch(
+        self, handler: "Handler", sink: Any, request: RoutedRequest, body: "RequestBody", sent: List[bytes]
+    ) -> None:
+        """Send a request, or give it to the batcher when a batching rule covers it."""
+        if (
+            request.parsed is not None
+            and self.batcher is not None
+            and self.batcher.submit(handler, sink, request, body)
+        ):
+            return
+        self.send(handler, sink, request, body, sent)
+
+    def send(
         self, handler: "Handler", sink: Any, request: RoutedRequest, body: "RequestBody", sent: List[bytes]
     ) -> None:
         """Send a request: when its body is complete and the chosen deployment has an
@@ -714,5 +731,7 @@ class Gateway:
         }
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         for pool in self.pools.values():
             pool.close()

@@ -109,3 +109,35 @@ async def test_openai_client_against_two_upstreams() -> None:
                 assert [m.id for m in listed.data] == ["m"]
             finally:
                 await client.close()
+
+
+async def test_openai_embeddings_through_batching() -> None:
+    """The client asks for base64 by default and decodes it itself: concurrent calls,
+    batched upstream, each get their own input's vector."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.support.embeddings import serve_embeddings, vector
+
+    async with Origin() as origin:
+        serve_embeddings(origin, delay=0.05)
+        toml = upstreams_toml(emb=origin) + (
+            '[[models]]\nname = "text-embedding-*"\ndeployments = [{ upstream = "emb" }]\n'
+            '[[batching]]\npath = "/v1/embeddings"\nmodels = ["text-embedding-*"]\nmax_wait_ms = 50\n'
+        )
+        async with running_gateway(toml) as proxy:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy.port}/v1", api_key="sk-test", max_retries=0)
+            texts = [f"document {i}" for i in range(12)]
+
+            def embed(text: str) -> Any:
+                return client.embeddings.create(model="text-embedding-3-small", input=text)
+
+            loop = asyncio.get_running_loop()
+            with ThreadPoolExecutor(len(texts)) as pool:
+                results = await asyncio.gather(*(loop.run_in_executor(pool, embed, t) for t in texts))
+            client.close()
+        for text, result in zip(texts, results):
+            assert [item.index for item in result.data] == [0]
+            assert result.data[0].embedding == vector(text)
+            assert result.usage.prompt_tokens >= 1
+        assert len(origin.requests) < len(texts)  # some were batched
+        assert all(json.loads(r.body)["encoding_format"] == "base64" for r in origin.requests)

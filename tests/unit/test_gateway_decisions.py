@@ -121,6 +121,10 @@ def test_config_reads_keys_from_files(tmp_path: Any) -> None:
          "routes[0]: give upstream or deployments, not both"),
         ('[[routes]]\npath = "/x"\nupstream = "a"\n', None, "routes[0].upstream: needs [[upstreams]]"),
         (BASE + '[model_aliases]\n"x" = "y"\n"y" = "z"\n', None, "model_aliases.x: points at another alias"),
+        (BASE + '[[batching]]\npath = "/v1/embeddings"\n', None, "batching: needs [[models]]"),
+        ('[[batching]]\npath = "/v1/embeddings"\n', None, "batching: needs [[upstreams]]"),
+        (BASE + '[[models]]\nname = "m"\ndeployments = [{ upstream = "a" }]\n[[batching]]\nmax_tokens = 0\n', None,
+         "batching[0].max_tokens: expected an integer >= 1"),
     ],
 )  # fmt: skip
 def test_config_errors_are_one_line_naming_the_key(toml: str, environ: Any, expected: str) -> None:
