@@ -263,3 +263,75 @@ async def test_metrics_count_batches_inputs_waits_and_fallbacks() -> None:
         merged, _ = render(lambda: merge_snapshots([one, one]))
         assert "proxy_batch_inputs_total 26.0" in merged.decode()
         assert "proxy_batch_wait_seconds_count 10.0" in merged.decode()
+
+
+async def test_identical_requests_coalesce_before_batching_and_each_answer_is_cached() -> None:
+    async with Origin() as origin:
+        serve_embeddings(origin, delay=0.05)
+        toml = batching_toml(origin) + (
+            '[[cache.rules]]\nmethods = ["POST"]\npath = "/v1/embeddings"\nttl = 60\n'
+            '[[dedup.rules]]\nmethods = ["POST"]\npath = "/v1/embeddings"\n'
+        )
+        async with running_gateway(toml) as proxy:
+            blocker = asyncio.ensure_future(embed(proxy.port, "first"))
+            await wait_until(lambda: len(origin.requests) == 1)
+            texts = ["a", "a", "b", "a", "c"]
+            responses = await asyncio.gather(*(embed(proxy.port, t) for t in texts))
+            await blocker
+            assert sorted(json.loads(origin.requests[1].body)["input"]) == ["a", "b", "c"]  # "a" once
+            for text, resp in zip(texts, responses):
+                assert resp.status == 200 and resp.json()["data"][0]["embedding"] == vector(text)
+            first = {t: r for t, r in zip(texts, responses)}
+            for text in ("a", "b", "c", "first"):
+                again = await embed(proxy.port, text)
+                assert again.header(b"x-cache") == b"HIT", text
+                if text != "first":
+                    assert again.body == first[text].body  # the caller's own answer, its usage share too
+            assert len(origin.requests) == 2
+
+
+async def test_a_failing_deployment_fails_the_batch_over_and_a_last_error_reaches_everyone() -> None:
+    async with Origin() as down, Origin() as up:
+
+        @down.route(EMBEDDINGS)
+        async def unavailable(req, reply) -> None:
+            await asyncio.sleep(0.05)
+            await reply.full(503, b'{"error":{"message":"overloaded"}}', [(b"content-type", b"application/json")])
+
+        serve_embeddings(up, delay=0.05)
+        toml = upstreams_toml(down=down, up=up) + (
+            '[[models]]\nname = "text-embedding-*"\n'
+            'deployments = [{ upstream = "down" }, { upstream = "up", priority = 1 }]\n'
+            '[[batching]]\nmodels = ["text-embedding-*"]\nmax_wait_ms = 50\n'
+        )
+        async with running_gateway(toml) as proxy:
+            blocker = asyncio.ensure_future(embed(proxy.port, "first"))
+            await wait_until(lambda: len(down.requests) == 1)
+            texts = [f"t{i}" for i in range(4)]
+            responses = await asyncio.gather(*(embed(proxy.port, t) for t in texts))
+            await blocker
+            for text, resp in zip(texts, responses):
+                assert resp.status == 200 and resp.json()["data"][0]["embedding"] == vector(text)
+                assert resp.header(b"x-pyproxy-upstream") == b"up" and resp.header(b"x-pyproxy-attempts") == b"2"
+            assert [len(json.loads(r.body)["input"]) for r in up.requests[1:]] == [4]
+            assert json.loads(down.requests[1].body)["input"] == texts  # the same batch, tried there first
+
+    async with Origin() as broken:
+
+        @broken.route(EMBEDDINGS)
+        async def failing(req, reply) -> None:
+            await asyncio.sleep(0.05)
+            await reply.full(500, b'{"error":{"message":"internal"}}', [(b"content-type", b"application/json")])
+
+        toml = upstreams_toml(emb=broken) + (
+            '[[models]]\nname = "text-embedding-*"\ndeployments = [{ upstream = "emb" }]\n'
+            '[[batching]]\nmodels = ["text-embedding-*"]\nmax_wait_ms = 50\n'
+        )
+        async with running_gateway(toml) as proxy:
+            blocker = asyncio.ensure_future(embed(proxy.port, "first"))
+            await wait_until(lambda: len(broken.requests) == 1)
+            responses = await asyncio.gather(*(embed(proxy.port, f"t{i}") for i in range(3)))
+            await blocker
+            assert [r.status for r in responses] == [500] * 3
+            assert all(r.body == b'{"error":{"message":"internal"}}' for r in responses)
+            assert len(broken.requests) == 2  # not retried alone: a 5xx is the batch's, not an input's
