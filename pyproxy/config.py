@@ -166,6 +166,14 @@ def _header_names(value: Any) -> Tuple[bytes, ...]:
     return cleaned
 
 
+def _seconds_or_off(value: Any) -> Optional[float]:
+    if isinstance(value, bool) and not value:
+        return None  # sse_keepalive = false in the TOML file
+    if str(value).strip().lower() == "off":
+        return None
+    return _positive_float(value)
+
+
 def _listen_or_off(value: Any) -> Optional[Tuple[str, int]]:
     text = str(value)
     return None if text.lower() == "off" else parse_listen(text)
@@ -436,6 +444,14 @@ OPTIONS: Tuple[Option, ...] = (
     ),
     Option("gzip_level", _int_at_least(1), 5, "gzip compression level, 1-9", metavar="N"),
     Option(
+        "sse_keepalive",
+        _seconds_or_off,
+        15.0,
+        "seconds an event stream may be silent before pyproxy writes a ': ping' comment "
+        "between events, so idle timeouts on the way do not cut it (off: never)",
+        metavar="S|off",
+    ),
+    Option(
         "workers",
         _workers,
         None,
@@ -493,6 +509,7 @@ class Settings:
     gzip: bool = True
     gzip_min_length: int = 1000
     gzip_level: int = 5
+    sse_keepalive: Optional[float] = 15.0  # None: off
     workers: Optional[int] = None  # None: one process, no supervisor; 0: one worker per CPU
     loop: str = "auto"
     log_level: str = "info"

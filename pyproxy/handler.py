@@ -36,6 +36,7 @@ from pyproxy.errors import (
     UpstreamDisconnected,
     UpstreamError,
 )
+from pyproxy.gateway.early_head import early_head_after
 from pyproxy.gateway.models import BY_MODEL, MODEL_LIST, NO_ROUTE, RouteNotFound, Target
 from pyproxy.gateway.relay import Gateway, RoutedRequest, Run
 from pyproxy.http.fastpath import serialize_request_head
@@ -768,7 +769,13 @@ class Handler:
             return
         chunks = body.take_buffered()
         if kind is not BY_MODEL:
-            self._gateway_go(client, request, framing, body, target, plan, chunks, None, UNPARSED)
+            value = None
+            if target.spec is not None and target.spec.early_head_after is not None and chunks:
+                # A route's early head needs "stream": true from the body (that came whole).
+                whole = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                if len(whole) <= self.route_body_bytes:
+                    value = parse_json_body(whole)[1]
+            self._gateway_go(client, request, framing, body, target, plan, chunks, None, UNPARSED, value)
             return
         # The body came with the head (most chat requests): routed without a task.
         whole = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -854,7 +861,8 @@ class Handler:
         parsed: Any,
         value: Any = None,
     ) -> None:
-        """``value``: the body's JSON when routed by model; kept for the batcher only."""
+        """``value``: the body's JSON when routed by model (or read for a route's early
+        head); kept for the batcher and the early head only."""
         gateway = self.gateway
         assert gateway is not None
         if plan is None:
@@ -862,6 +870,10 @@ class Handler:
             routed.whole = whole
             if gateway.batcher is not None:
                 routed.parsed = value
+            after = early_head_after(target, value)
+            if after is not None:  # a stream its upstream may be slow to start
+                gateway.dispatch(self, gateway.early_head(client, after), routed, body, chunks)
+                return
             gateway.dispatch(self, client, routed, body, chunks)
             return
         req = Keyed(self, client, request, framing, body, plan, chunks)

@@ -120,6 +120,8 @@ def snapshot(proxy: "Proxy") -> Dict[str, Any]:
         "bytes_out": m.bytes_out,
         "upstream_errors": dict(m.upstream_errors),
         "client_errors": proxy.stats_client_errors,
+        "sse_pings": proxy.stats_sse_pings,
+        "early_heads": proxy.gateway.early_heads if proxy.gateway is not None else 0,
         "limits": {
             **m.limits,
             "pool_timeout": pool.stats.pool_timeouts,
@@ -171,8 +173,16 @@ def merge_snapshots(snapshots: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             _add_hist(durations, tuple(key), hist)
         for key, hist in snap["upstream_ttfb"]:
             _add_hist(ttfb, tuple(key), hist)
-        for name in ("bytes_in", "bytes_out", "client_errors", "in_flight", "client_connections"):
-            merged[name] = merged.get(name, 0) + snap[name]
+        for name in (
+            "bytes_in",
+            "bytes_out",
+            "client_errors",
+            "sse_pings",
+            "early_heads",
+            "in_flight",
+            "client_connections",
+        ):
+            merged[name] = merged.get(name, 0) + snap.get(name, 0)
         for group in ("pool", "dedup", "cache", "upstream_errors", "limits"):
             if group in snap:
                 target = merged.setdefault(group, {})
@@ -254,6 +264,18 @@ class SnapshotCollector:
         yield _single(CounterMetricFamily, "proxy_bytes_sent", "Response body bytes to clients", snap["bytes_out"])
         yield _single(
             CounterMetricFamily, "proxy_client_errors", "Malformed requests answered with a 4xx", snap["client_errors"]
+        )
+        yield _single(
+            CounterMetricFamily,
+            "proxy_sse_pings",
+            "Keep-alive comments written on silent event streams (--sse-keepalive)",
+            snap.get("sse_pings", 0),
+        )
+        yield _single(
+            CounterMetricFamily,
+            "proxy_early_heads",
+            "Streams answered 200 by pyproxy before the upstream (early_head_after)",
+            snap.get("early_heads", 0),
         )
         limits = CounterMetricFamily(
             "proxy_limits_fired",

@@ -72,6 +72,7 @@ class Proxy:
         self.connections: Set[ClientConnection] = set()
         self.draining = False
         self.stats_client_errors = 0
+        self.stats_sse_pings = 0  # --sse-keepalive comments written
         self._server: Optional[asyncio.AbstractServer] = None
         # stdlib loop: read into a reused buffer (see ReusedBufferReads)
         self._protocol = ClientConnection if is_uvloop(self.loop) else BufferedClientConnection

@@ -17,7 +17,9 @@ CACHE_RULE_KEYS = _COMMON_KEYS | frozenset(
 DEDUP_RULE_KEYS = _COMMON_KEYS
 # upstream / deployments (+ retry_on, max_attempts, retry_deadline): the gateway's
 # (pyproxy/gateway/config.py).
-ROUTE_KEYS = _COMMON_KEYS | frozenset({"upstream", "deployments", "retry_on", "max_attempts", "retry_deadline"})
+ROUTE_KEYS = _COMMON_KEYS | frozenset(
+    {"upstream", "deployments", "retry_on", "max_attempts", "retry_deadline", "early_head_after"}
+)
 ANY_METHOD = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 

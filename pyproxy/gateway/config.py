@@ -19,7 +19,7 @@ from pyproxy.rules import Rule
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
 AUTH_HEADERS = ("authorization", "x-api-key", "api-key")
 UPSTREAM_KEYS = frozenset({"name", "url", "api_key", "auth_header", "max_connections", "health_path"})
-MODEL_KEYS = frozenset({"name", "deployments", "retry_on", "max_attempts", "retry_deadline"})
+MODEL_KEYS = frozenset({"name", "deployments", "retry_on", "max_attempts", "retry_deadline", "early_head_after"})
 DEPLOYMENT_KEYS = frozenset({"upstream", "weight", "priority", "model"})
 # Failures retried only when a model opts in: the upstream may already be working
 # (and billing) on the request.
@@ -92,6 +92,9 @@ class ModelSpec:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     # Seconds from the first attempt after which no further attempt starts.
     retry_deadline: float = DEFAULT_RETRY_DEADLINE
+    # Seconds after which a streaming request the upstream has not answered yet gets
+    # pyproxy's own 200 event-stream head and keep-alive pings (None: never).
+    early_head_after: Optional[float] = None
 
     @property
     def is_glob(self) -> bool:
@@ -233,7 +236,19 @@ def _parse_model(value: Any, where: str, upstreams: Dict[str, UpstreamSpec]) -> 
     retry_deadline = table.get("retry_deadline", DEFAULT_RETRY_DEADLINE)
     if isinstance(retry_deadline, bool) or not isinstance(retry_deadline, (int, float)) or not retry_deadline > 0:
         raise GatewayConfigError(f"{where}.retry_deadline: expected seconds > 0, got {retry_deadline!r}")
-    return ModelSpec(name, parsed, frozenset(str(r) for r in retry_on), max_attempts, float(retry_deadline))
+    early_head_after = _early_head_after(table, where)
+    return ModelSpec(
+        name, parsed, frozenset(str(r) for r in retry_on), max_attempts, float(retry_deadline), early_head_after
+    )
+
+
+def _early_head_after(table: Mapping[str, Any], where: str) -> Optional[float]:
+    value = table.get("early_head_after")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise GatewayConfigError(f"{where}.early_head_after: expected seconds > 0, got {value!r}")
+    return float(value)
 
 
 def parse_gateway(
@@ -245,7 +260,7 @@ def parse_gateway(
             if key in tables:
                 raise GatewayConfigError(f"{key}: needs [[upstreams]]")
         for i, raw in enumerate(tables.get("routes", [])):
-            for key in ("upstream", "deployments"):
+            for key in ("upstream", "deployments", "early_head_after"):
                 if isinstance(raw, Mapping) and key in raw:
                     raise GatewayConfigError(f"routes[{i}].{key}: needs [[upstreams]]")
         return None
@@ -284,10 +299,12 @@ def parse_gateway(
         if rule.upstream:
             if rule.upstream not in by_name:
                 raise GatewayConfigError(f"{where}.upstream: no upstream named {rule.upstream!r}")
-            spec = ModelSpec(rule.name, (Deployment(rule.upstream),))
+            spec = ModelSpec(rule.name, (Deployment(rule.upstream),), early_head_after=_early_head_after(raw, where))
         elif "deployments" in raw:
             route_table = {k: raw[k] for k in MODEL_KEYS - {"name"} if k in raw}
             spec = _parse_model(dict(route_table, name=rule.name), where, by_name)
+        elif "early_head_after" in raw:
+            raise GatewayConfigError(f"{where}.early_head_after: needs upstream or deployments in the same route")
         else:
             continue  # a name for the metrics only
         gateway_routes.append(rule)

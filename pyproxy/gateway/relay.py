@@ -30,6 +30,7 @@ from pyproxy.gateway import outlier
 from pyproxy.gateway.balancer import choose, observe_latency, soonest_recovery
 from pyproxy.gateway.batcher import Batcher
 from pyproxy.gateway.config import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_DEADLINE, Deployment, GatewayConfig, UpstreamSpec
+from pyproxy.gateway.early_head import EarlyHeadSink
 from pyproxy.gateway.models import GatewayRoutes, Target, rewrite_model
 from pyproxy.gateway.state import UpstreamState
 from pyproxy.http.headers import client_response_headers
@@ -312,8 +313,15 @@ class Gateway:
         self.requests_in_flight = 0
         self.retries_in_flight = 0
         self._exchange = _exchange_class()
+        # early_head_after: pings every --sse-keepalive seconds, or every early_head_after when off.
+        self.sse_keepalive = settings.sse_keepalive
+        self.early_heads = 0
         # [[batching]]: the requests a rule covers go through the batcher.
         self.batcher = Batcher(self, config.batching, loop) if config.batching else None
+
+    def early_head(self, client: Any, after: float) -> EarlyHeadSink:
+        """The sink that answers ``client`` itself if its upstream is silent ``after`` s."""
+        return EarlyHeadSink(client, after, self.sse_keepalive or after, self)
 
     # --- deciding, with the pure functions -----------------------------------------------
 

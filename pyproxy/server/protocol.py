@@ -48,6 +48,7 @@ from pyproxy.http.fastpath import (
 )
 from pyproxy.http.headers import RequestFraming, request_framing
 from pyproxy.http.messages import SAFE_METHODS, RequestHead
+from pyproxy.http.sse import PING, STREAM_START, is_event_stream, keepalive_due, stream_tail
 from pyproxy.server.body import RequestBody
 from pyproxy.server.flow import BODY_BUFFER_FULL, PIPELINE_WAIT, ReadGate
 from pyproxy.sink import ClientGone, abandon
@@ -166,6 +167,10 @@ class ClientConnection(asyncio.Protocol):
         "_observing",
         "accepts_gzip",
         "_gzip",
+        # --sse-keepalive on the event stream being answered (see pyproxy.http.sse)
+        "_sse_every",
+        "_sse_last",
+        "_sse_tail",
     )
 
     def __init__(self, proxy: "Proxy") -> None:
@@ -213,6 +218,9 @@ class ClientConnection(asyncio.Protocol):
         self._observing = False
         self.accepts_gzip = False  # the current request's client takes gzip (and it is on)
         self._gzip: Optional[GzipStream] = None
+        self._sse_every = 0.0  # seconds of silence a ping answers; 0: not an event stream, or off
+        self._sse_last = 0.0  # loop time the stream last carried anything
+        self._sse_tail = STREAM_START  # its last bytes: is it between two events?
 
     # --- asyncio callbacks -----------------------------------------------------------
 
@@ -521,6 +529,8 @@ class ClientConnection(asyncio.Protocol):
             if closing:
                 headers.append(_CLOSE_HEADER)
             self._out.append(self.h11.send(h11.Response(status_code=status, headers=headers, reason=reason)))  # type: ignore
+            if self._gzip is None and self._method != b"HEAD" and not (headers and headers[-1][0] == b"content-length"):
+                self._watch_event_stream(status, headers)
             return
         if self._method == b"HEAD" or status == 204 or status == 304:
             self._framing = _FRAME_NONE
@@ -529,9 +539,30 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._framing = _FRAME_CHUNKED
             headers.append(_CHUNKED_HEADER)
+            if self._gzip is None:
+                self._watch_event_stream(status, headers)
         if closing:
             headers.append(_CLOSE_HEADER)
         self._out.append(serialize_response_head(status, reason, headers))
+
+    def _watch_event_stream(self, status: int, headers: List[Tuple[bytes, bytes]]) -> None:
+        """A response without a declared length is starting: if it is an event stream,
+        --sse-keepalive watches it (a comment can be added only where the framing has
+        no length to keep: chunked, or close-delimited)."""
+        every = self.proxy.settings.sse_keepalive
+        if every and 200 <= status < 300 and is_event_stream(headers):
+            self.ping_every(every)
+
+    def ping_every(self, every: float) -> None:
+        """Write ``: ping`` between events after ``every`` seconds of silence, until this
+        response ends. Pings are written here, to this client only: never stored by the
+        cache, never relayed to coalesced subscribers, and the upstream connection's
+        read timeout never hears of them."""
+        now = self.loop.time()
+        self._sse_every = every
+        self._sse_last = now
+        self._sse_tail = STREAM_START
+        self._check_at(now + every)
 
     def _decorate(self, headers: List[Tuple[bytes, bytes]]) -> None:
         """X-Request-Id (unless the upstream sent its own) and Server-Timing, before a
@@ -615,6 +646,9 @@ class ClientConnection(asyncio.Protocol):
     def send_data(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._sse_every:
+            self._sse_last = self.loop.time()
+            self._sse_tail = stream_tail(self._sse_tail, data)
         if self._gzip is not None:
             data = self._gzip.compress(data)
             if not data:
@@ -662,6 +696,7 @@ class ClientConnection(asyncio.Protocol):
         self.exchange = None
         self.task = None
         self.busy = False
+        self._sse_every = 0.0
         if self.closed:
             self._out = []
             return
@@ -857,7 +892,21 @@ class ClientConnection(asyncio.Protocol):
                 when = self._body_mark_at + settings.body_timeout
             else:
                 when = now + settings.client_timeout
+            if self._sse_every and self.response_started:
+                when = min(when, self._keep_stream_alive(now))
         self._timer = self.loop.call_at(when, self._check_deadlines)
+
+    def _keep_stream_alive(self, now: float) -> float:
+        """--sse-keepalive: a ping if the stream has been silent long enough and is
+        between events; returns when to look again. A client that is not reading
+        (writes paused) gets none: it has bytes waiting already."""
+        ping, when = keepalive_due(now, self._sse_last, self._sse_every, self._sse_tail)
+        if ping and not self._write_paused:
+            self._sse_last = now
+            self._append_body(PING)  # the tail stays: after a comment line, still between events
+            self.flush()
+            self.proxy.stats_sse_pings += 1
+        return when
 
 
 class BufferedClientConnection(ReusedBufferReads, ClientConnection, asyncio.BufferedProtocol):

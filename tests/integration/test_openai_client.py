@@ -147,3 +147,55 @@ async def test_openai_embeddings_through_batching() -> None:
         batched = [b for b in bodies if isinstance(b["input"], list) and len(b["input"]) > 1]
         assert batched
         assert all(b["encoding_format"] == "base64" for b in batched)
+
+
+async def test_openai_stream_through_keepalive_pings_and_an_early_head() -> None:
+    """The client parses ``: ping`` comments as the comments they are: between every two
+    chunks the upstream falls silent until pyproxy has pinged, and before the first one
+    it takes long enough for pyproxy's own early head."""
+    async with Origin() as origin:
+        proxies: List[Any] = []
+
+        def pinged() -> int:
+            return proxies[0].stats_sse_pings if proxies else 0
+
+        async def pings_past(count: int) -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while pinged() < count:
+                assert loop.time() < deadline, "no ping came"
+                await asyncio.sleep(0.01)
+
+        @origin.route(b"/v1/chat/completions")
+        async def chat(req: Received, reply: Reply) -> None:
+            await pings_past(1)  # prefill: the early head and a ping go out meanwhile
+            await reply.head(200, [(b"content-type", b"text/event-stream")])
+            for word in WORDS:
+                chunk = {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion.chunk",
+                    "created": 1,
+                    "model": "gpt-test",
+                    "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}],
+                }
+                await reply.data(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                await pings_past(pinged() + 1)
+            await reply.data(b"data: [DONE]\n\n")
+            await reply.end()
+
+        toml = upstreams_toml(llm=origin) + (
+            '[[models]]\nname = "gpt-test"\nearly_head_after = 0.2\ndeployments = [{ upstream = "llm" }]\n'
+        )
+        async with running_gateway(toml, sse_keepalive=0.2) as proxy:
+            proxies.append(proxy)
+            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{proxy.port}/v1", api_key="sk-test", max_retries=0)
+            try:
+                stream = await client.chat.completions.create(
+                    model="gpt-test", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                pieces = [chunk.choices[0].delta.content async for chunk in stream if chunk.choices[0].delta.content]
+            finally:
+                await client.close()
+        assert pieces == WORDS
+        assert proxy.stats_sse_pings >= len(WORDS) + 1
+        assert proxy.gateway is not None and proxy.gateway.early_heads == 1
