@@ -247,3 +247,51 @@ def test_revalidation_fields(benchmark: Any) -> None:
 
     fields, merged = benchmark(both)
     assert fields == [(b"if-none-match", b'"v1"')] and (b"cache-control", b"max-age=60") in merged
+
+
+@pytest.fixture
+def varied_cache() -> Any:
+    """A key with four stored Vary variants (the per-key bound), by Accept-Language."""
+    loop = asyncio.new_event_loop()
+    settings = Settings(upstream=parse_upstream("http://127.0.0.1:9"))
+    cache = Cache(settings, loop)
+    router = Router(settings)
+    requests = []
+    for language in (b"en", b"de", b"fr", b"ja"):
+        request = RequestHead(b"GET", b"/v1/models", [(b"host", b"x"), (b"accept-language", language)])
+        plan = router.plan(request, False)
+        assert plan is not None
+        recording = cache.recording(plan.cache_key, plan.method, plan.cache_rule, plan.headers)
+        headers = [(b"content-type", b"application/json"), (b"vary", b"accept-language"), (b"content-length", b"600")]
+        assert recording.begin(200, b"OK", headers)
+        recording.finish(language * 300)
+        requests.append(request)
+    yield router, cache, requests[1]
+    loop.close()
+
+
+def test_cache_vary_hit_path(benchmark: Any, varied_cache: Any) -> None:
+    """A hit on one of several variants: the marker, the variant key, the Vary check."""
+    router, cache, request = varied_cache
+
+    def hit() -> bytes:
+        plan = router.plan(request, False)
+        entry = cache.lookup_now(plan.cache_key, plan.headers)
+        assert cache.judge(entry, plan.headers) is FRESH
+        return entry.wire
+
+    assert benchmark(hit).endswith(b"de" * 300)
+
+
+def test_range_decision(benchmark: Any) -> None:
+    """The Range field found, parsed against the stored length, and its Content-Range."""
+    from pyproxy.cache.ranges import content_range, range_field, single_byte_range
+
+    headers = [(b"host", b"x"), (b"accept", b"*/*"), (b"range", b"bytes=1024-2047")]
+
+    def decide() -> bytes:
+        wanted = single_byte_range(range_field(headers), 1 << 20)  # type: ignore[arg-type]
+        assert type(wanted) is tuple
+        return content_range(wanted[0], wanted[1], 1 << 20)
+
+    assert benchmark(decide) == b"bytes 1024-2047/1048576"
