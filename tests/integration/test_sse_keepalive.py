@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -20,6 +18,7 @@ from tests.support.client import Client, running_proxy, wait_until
 from tests.support.gateway import running_gateway, upstreams_toml
 from tests.support.origin import Origin, Received, Reply
 from tests.support.redis_server import free_port
+from tests.support.sockets import nginx_binary, wait_listening
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 Step = Union[bytes, asyncio.Event]
@@ -409,13 +408,6 @@ async def test_no_early_head_without_stream_true() -> None:
 # --- behind nginx with a 2 s read timeout: the reason early_head_after exists ----------------
 
 
-def nginx_binary() -> str:
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.path.exists(binary):
-        raise RuntimeError("nginx is not installed (apt-get install -y nginx)")
-    return binary
-
-
 def nginx_in_front(workdir: Path, listen: int, backend: int) -> subprocess.Popen:
     """nginx as an operator puts it in front of an SSE API: buffering off, keep-alive
     upstream, and a proxy_read_timeout (2 s here, 30-60 s in the field)."""
@@ -447,19 +439,6 @@ http {{
     path = workdir / "nginx.conf"
     path.write_text(conf)
     return subprocess.Popen([nginx_binary(), "-c", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-async def wait_listening(port: int, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            assert loop.time() < deadline, f"nothing listening on {port}"
-            await asyncio.sleep(0.05)
 
 
 async def test_behind_nginx_a_5s_prefill_survives_only_with_an_early_head(tmp_path: Path) -> None:

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,16 +17,10 @@ from tests.integration.test_cli import ROOT, _env
 from tests.support.client import request
 from tests.support.origin import MODELS_BODY, Origin
 from tests.support.redis_server import RedisServer, free_port
+from tests.support.sockets import nginx_binary, wait_listening
 
 DEPLOY = ROOT / "deploy"
 AUTH = [(b"authorization", b"Bearer sk-topology")]
-
-
-def nginx_binary() -> str:
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.path.exists(binary):
-        raise RuntimeError("nginx is not installed (apt-get install -y nginx)")
-    return binary
 
 
 def local_nginx_conf(workdir: Path, instance_ports: List[int], listen_port: int) -> Path:
@@ -90,19 +82,6 @@ async def start_instance(upstream: str, port: int, redis_url: str) -> asyncio.su
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=_env(), cwd=str(ROOT),
     )  # fmt: skip
     return process
-
-
-async def wait_listening(port: int, timeout: float = 60.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            assert loop.time() < deadline, f"nothing listening on {port}"
-            await asyncio.sleep(0.05)
 
 
 async def test_three_instances_behind_nginx_share_redis_and_survive_a_kill(tmp_path: Path) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import shutil
 import socket
 from typing import Iterator
 
@@ -37,3 +40,25 @@ def blackholed_port() -> Iterator[int]:
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+def nginx_binary() -> str:
+    """Debian's nginx (CI installs it): its path, or an error that says how to get it."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(binary):
+        raise RuntimeError("nginx is not installed (apt-get install -y nginx)")
+    return binary
+
+
+async def wait_listening(port: int, timeout: float = 60.0) -> None:
+    """Poll until something accepts connections on 127.0.0.1:port, with a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            assert loop.time() < deadline, f"nothing listening on {port}"
+            await asyncio.sleep(0.05)
