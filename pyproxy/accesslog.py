@@ -16,7 +16,7 @@ import re
 import sys
 import threading
 import time
-from typing import IO, List, Optional
+from typing import IO, Any, Dict, List, Optional
 
 MAX_QUEUED = 100_000
 _SECRET_PARAM = re.compile(
@@ -57,7 +57,10 @@ class AccessLog:
         request_id: str,
         upstream: str = "",
         attempts: int = 0,
+        usage: Optional[Dict[str, Any]] = None,
     ) -> None:
+        """``usage``: with client keys, the key, tenant, model and tokens (see
+        Admission.done); never the key itself."""
         if self._queue.qsize() >= MAX_QUEUED:
             self.dropped += 1
             return
@@ -79,6 +82,7 @@ class AccessLog:
                     "request_id": request_id,
                     "upstream": upstream or None,
                     "attempts": attempts or None,
+                    **(usage or {}),
                 },
                 separators=(",", ":"),
             )
@@ -94,6 +98,10 @@ class AccessLog:
             )
             if upstream:
                 line += f" upstream={upstream} attempts={attempts}"
+            if usage is not None:
+                line += " key={key} tenant={tenant} model={model} in={input_tokens} out={output_tokens} usage={usage}".format(
+                    **{k: "-" if v is None else v for k, v in usage.items()}
+                )
         self._queue.put(line)
 
     def _write_loop(self) -> None:

@@ -1,4 +1,4 @@
-"""The admin listener: /metrics, /health, /ready, /upstreams and POST /cache/purge. Never proxied.
+"""The admin listener: /metrics, /health, /ready, /upstreams, /usage and POST /cache/purge. Never proxied.
 
 Low traffic, so plain asyncio streams and h11. It serves whatever ``AdminSource``
 it is given: one proxy process, or the supervisor speaking for its workers.
@@ -8,6 +8,7 @@ Bind it to loopback or a private interface: it can empty the cache.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
@@ -44,9 +45,14 @@ class AdminSource:
         raise NotImplementedError
 
 
+# Answered without the admin token: what load balancers and orchestrators probe.
+OPEN_PATHS = frozenset({"/health", "/ready"})
+
+
 class AdminServer:
-    def __init__(self, source: AdminSource) -> None:
+    def __init__(self, source: AdminSource, token: Optional[bytes] = None) -> None:
         self.source = source
+        self.token = token  # --admin-token: required for everything but OPEN_PATHS
         self._server: Optional[asyncio.AbstractServer] = None
         self._tasks: "set[asyncio.Task[None]]" = set()
 
@@ -128,7 +134,11 @@ class AdminServer:
             "/ready": ((b"GET", b"HEAD"), self._ready),
             "/cache/purge": ((b"POST",), self._purge),
             "/upstreams": ((b"GET", b"HEAD"), self._upstreams),
+            "/usage": ((b"GET", b"HEAD"), self._usage),
         }
+        if self.token is not None and path not in OPEN_PATHS and not self._authorized(request.headers):
+            status, headers, payload = _json(401, {"error": "this admin endpoint needs Authorization: Bearer <token>"})
+            return status, headers + [(b"www-authenticate", b'Bearer realm="pyproxy-admin"')], payload
         entry = handlers.get(path)
         if entry is None:
             return _json(404, {"error": f"no admin endpoint {path}", "endpoints": sorted(handlers)})
@@ -153,6 +163,29 @@ class AdminServer:
     async def _ready(self, query: str, body: bytes) -> Tuple[int, list, bytes]:
         ready = self.source.ready()
         return _json(200 if ready else 503, {"ready": ready})
+
+    def _authorized(self, headers: Any) -> bool:
+        for name, value in headers:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                # Constant time in the token's bytes: no guessing it byte by byte.
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.token)  # type: ignore[arg-type]
+        return False
+
+    async def _usage(self, query: str, body: bytes) -> Tuple[int, list, bytes]:
+        """Client keys' usage since start, per key and per tenant (summed over workers)."""
+        usage = (await self.source.fresh_snapshot()).get("usage")
+        if usage is None:
+            return _json(404, {"error": 'usage is counted with client keys ([auth] mode = "keys")'})
+        return _json(
+            200,
+            {
+                "keys": usage["per_key"],
+                "tenants": usage["per_tenant"],
+                "in_flight": usage.get("in_flight", {}),
+                "usage_unknown": usage["unknown"],
+            },
+        )
 
     async def _upstreams(self, query: str, body: bytes) -> Tuple[int, list, bytes]:
         return _json(200, await self.source.upstreams())
@@ -180,6 +213,11 @@ class AdminServer:
             path.encode() if isinstance(path, str) else None, prefix.encode() if isinstance(prefix, str) else None
         )
         return _json(200, {"purged": removed})
+
+
+def admin_token_bytes(settings: Any) -> Optional[bytes]:
+    token = settings.admin_token
+    return token.value.encode("latin-1") if token is not None else None
 
 
 def _json(status: int, obj: Any) -> Tuple[int, list, bytes]:

@@ -122,9 +122,13 @@ async def serve(settings: Settings) -> None:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(
-        signal.SIGHUP, lambda: log.warning("SIGHUP: reloading needs --workers (a supervisor); ignored")
-    )
+    admission = proxy.gateway.admission if proxy.gateway is not None else None
+    if admission is not None:  # one process: SIGHUP reads the keys file again (the rest needs --workers)
+        loop.add_signal_handler(signal.SIGHUP, admission.reload)
+    else:
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: log.warning("SIGHUP: reloading needs --workers (a supervisor); ignored")
+        )
     assert settings.upstream is not None
     log.info(
         "pyproxy %s listening on http://%s:%d -> %s%s (%s)",
@@ -177,6 +181,10 @@ async def supervise(settings: Settings, argv: List[str]) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["keys"]:  # the client keys file: python -m pyproxy keys new|list
+        from pyproxy.keys_cli import main as keys_main
+
+        return keys_main(args[1:])
     try:
         settings = parse_settings(args)
         fds = worker_fds(args)

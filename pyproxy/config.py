@@ -137,6 +137,30 @@ def _readable_file(value: Any) -> str:
     return path
 
 
+def _admin_token(value: Any) -> Any:
+    """env:NAME or file:PATH (never the token itself on a command line, where ps shows it)."""
+    from pyproxy.gateway.config import resolve_secret
+
+    text = str(value)
+    if not (text.startswith("env:") or text.startswith("file:")):
+        raise ConfigError("expected env:NAME or file:PATH (a token on the command line is visible to ps)")
+    try:
+        return resolve_secret(text, "the admin token", os.environ)
+    except GatewayConfigError as exc:
+        raise ConfigError(str(exc).replace("the admin token: ", "", 1)) from None
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _cache_backend(value: Any) -> str:
     text = str(value)
     if text == "memory":
@@ -415,6 +439,14 @@ OPTIONS: Tuple[Option, ...] = (
         metavar="HOST:PORT|off",
     ),
     Option(
+        "admin_token",
+        _admin_token,
+        None,
+        "bearer token the admin listener requires for everything but /health and /ready "
+        "(env:NAME or file:PATH; needed when --admin-listen is not loopback)",
+        metavar="env:NAME|file:PATH",
+    ),
+    Option(
         "health_path",
         _path_or_off,
         b"/health",
@@ -500,6 +532,7 @@ class Settings:
     dedup_max_backlog: int = 4 * 1024 * 1024
     inflight_buffer_bytes: int = 64 * 1024 * 1024
     admin_listen: Optional[Tuple[str, int]] = ("127.0.0.1", 9901)
+    admin_token: Any = None  # a gateway.config.Secret, or None: no token asked
     health_path: Optional[bytes] = b"/health"
     health_interval: float = 10.0
     access_log: Optional[str] = None
@@ -542,7 +575,7 @@ def load_toml(path: str) -> Dict[str, Any]:
 
 _SECTIONS = {"cache": CACHE_RULE_KEYS, "dedup": DEDUP_RULE_KEYS}
 # The gateway's tables (pyproxy/gateway/config.py), parsed once the routes are known.
-GATEWAY_TABLES = ("upstreams", "models", "model_aliases", "default_upstream", "batching")
+GATEWAY_TABLES = ("upstreams", "models", "model_aliases", "default_upstream", "batching", "auth")
 
 
 def _flatten_toml(
@@ -611,7 +644,8 @@ def build_settings(
             raise ConfigError(f"{source}: {exc}") from None
     gateway = None
     try:
-        gateway = parse_gateway(gateway_tables, rules.get("routes", ()), environ)
+        base_dir = os.path.dirname(os.path.abspath(config_path)) if config_path else "."
+        gateway = parse_gateway(gateway_tables, rules.get("routes", ()), environ, base_dir)
     except GatewayConfigError as exc:
         raise ConfigError(f"--config: {config_path}: {exc}") from None
     if gateway is not None:
@@ -629,6 +663,15 @@ def build_settings(
             require("prometheus_client", "--admin-listen (its /metrics)")
     except MissingDependency as exc:
         raise ConfigError(str(exc)) from None
+    if (
+        settings.admin_listen is not None
+        and settings.admin_token is None
+        and not _is_loopback(settings.admin_listen[0])
+    ):
+        raise ConfigError(
+            f"--admin-listen {settings.admin_listen[0]}: not a loopback address, so --admin-token is required "
+            "(the admin listener can empty the cache and shows usage per key)"
+        )
     if settings.gzip_level > 9:
         raise ConfigError(f"--gzip-level must be 1-9, got {settings.gzip_level}")
     if settings.keepalive_connections > settings.pool_connections:

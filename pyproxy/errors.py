@@ -160,6 +160,64 @@ class NoUpstreamAvailable(PoolTimeout):
     kind = "unavailable"
 
 
+# --- admission ([auth] mode = "keys"): answered, the connection kept ---
+
+_NO_RETRY = (b"x-should-retry", b"false")  # the openai and anthropic clients obey it
+
+
+class Unauthorized(ProxyError):
+    """No key, an unknown, expired or disabled one: 401."""
+
+    kind = "unauthorized"
+    status = 401
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def extra_headers(self) -> Headers:
+        return [(b"www-authenticate", b'Bearer realm="pyproxy"'), _NO_RETRY]
+
+
+class Forbidden(ProxyError):
+    """A key used for a model it may not use: 403."""
+
+    kind = "forbidden"
+    status = 403
+    error_type = "permission_error"
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def extra_headers(self) -> Headers:
+        return [_NO_RETRY]
+
+
+class RateLimited(ProxyError):
+    """A key's, tenant's or key-on-model's limit: 429 with Retry-After and the
+    x-ratelimit-* fields of the scope that refused."""
+
+    kind = "rate_limited"
+    status = 429
+    error_type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after: float, headers: Headers, *, tokens: bool = False) -> None:
+        super().__init__(message)
+        if tokens:
+            self.error_type = "tokens"  # OpenAI's type for a tokens-per-minute refusal
+        self.retry_after = retry_after
+        self.headers = headers
+
+    def extra_headers(self) -> Headers:
+        # Retry-After is whole seconds (RFC 9110 §10.2.3): rounded up, so a client that
+        # waits that long is admitted.
+        seconds = max(1, int(-(-self.retry_after // 1)))
+        return [(b"retry-after", b"%d" % seconds)] + self.headers
+
+
 _date_cache: List[object] = [0, b""]
 
 

@@ -752,12 +752,16 @@ class Handler:
         if request.target == self.health_path and method in _HEALTH_METHODS:
             answer_health(client)
             return
+        tenant = None
         try:
+            if gateway.admission is not None:  # 401 before anything else is looked at
+                key = client.client_key = gateway.admission.authenticate(request.headers)
+                tenant = key.tenant
             kind, target = gateway.routes.by_head(method, request.target)
             if kind is NO_ROUTE:
                 path = request_path(to_origin_form(request.target))
                 raise RouteNotFound(f"no upstream serves {path[:200].decode('latin-1')}")
-            plan = self.router.plan(request, framing.has_body) if self.router.active else None
+            plan = self.router.plan(request, framing.has_body, tenant) if self.router.active else None
         except ProxyError as exc:
             client.send_error(exc)
             return
@@ -841,6 +845,8 @@ class Handler:
             client.send_error(exc)
             return
         if whole is None and plan is None:
+            if gateway.admission is not None and not self._admit(client, target, body, None):  # type: ignore[arg-type]
+                return
             # Streamed through: a body already complete goes out with the head.
             chunks = body.take_buffered() if body.complete else []
             routed = self.routed_request(client, request, framing, self.assign_request_id(client, request), target)
@@ -865,6 +871,8 @@ class Handler:
         head); kept for the batcher and the early head only."""
         gateway = self.gateway
         assert gateway is not None
+        if gateway.admission is not None and not self._admit(client, target, body, value):
+            return
         if plan is None:
             routed = self.routed_request(client, request, framing, self.assign_request_id(client, request), target)
             routed.whole = whole
@@ -888,6 +896,20 @@ class Handler:
             client.task = client.loop.create_task(self._keyed_collect(req))
             return
         self._keyed(req)
+
+    def _admit(self, client: ClientConnection, target: Target, body: RequestBody, value: Any) -> bool:
+        """[auth] mode = "keys": the limits of the key (403, 429 answered here). The
+        admission is held by the client connection until the request ends."""
+        model = target.public_model
+        label = target.spec.name if model is not None and target.spec is not None else "other"
+        try:
+            client.admitted = self.gateway.admission.admit(  # type: ignore[union-attr]
+                client.client_key, model, label, body.received, value
+            )
+        except ProxyError as exc:
+            client.send_error(exc)
+            return False
+        return True
 
     async def _keyed_collect(self, req: "Keyed") -> None:
         """Collect a keyed request's body (it is part of the key), up to

@@ -145,6 +145,8 @@ def snapshot(proxy: "Proxy") -> Dict[str, Any]:
         data["upstreams"] = proxy.gateway.snapshot()
         if proxy.gateway.batcher is not None:
             data["batching"] = proxy.gateway.batcher.stats.snapshot()
+        if proxy.gateway.admission is not None:
+            data["usage"] = proxy.gateway.admission.snapshot()
     return data
 
 
@@ -156,9 +158,12 @@ def merge_snapshots(snapshots: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     ttfb: Dict[Tuple[str, ...], Dict[str, Any]] = {}
     upstreams: Dict[str, Dict[str, Any]] = {}
     batching: Dict[str, Any] = {}
+    usage: Dict[str, Any] = {}
     for snap in snapshots:
         if "batching" in snap:
             _merge_batching(batching, snap["batching"])
+        if "usage" in snap:
+            _merge_usage(usage, snap["usage"])
         for name, numbers in snap.get("upstreams", {}).items():
             into = upstreams.setdefault(name, {"requests": {}, "attempts": {}, "ejections": 0, "up": 0, "in_flight": 0})
             for table in ("requests", "attempts"):
@@ -195,7 +200,36 @@ def merge_snapshots(snapshots: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         merged["upstreams"] = upstreams
     if batching:
         merged["batching"] = batching
+    if usage:
+        merged["usage"] = {
+            name: [[list(k), v] for k, v in value.items()] if name in _USAGE_LABELLED else value
+            for name, value in usage.items()
+        }
     return merged
+
+
+# The usage snapshot's tables of [labels, value] (summed per labels), and its per-name rows.
+_USAGE_LABELLED = ("tokens", "rate_limited", "token_usage", "ttft", "tpot")
+
+
+def _merge_usage(into: Dict[str, Any], numbers: Dict[str, Any]) -> None:
+    for name in _USAGE_LABELLED:
+        table = into.setdefault(name, {})
+        for labels, value in numbers.get(name, []):
+            if isinstance(value, dict):  # a histogram
+                _add_hist(table, tuple(labels), value)
+            else:
+                table[tuple(labels)] = table.get(tuple(labels), 0) + value
+    into["unknown"] = into.get("unknown", 0) + numbers.get("unknown", 0)
+    in_flight = into.setdefault("in_flight", {})
+    for scope, value in numbers.get("in_flight", {}).items():
+        in_flight[scope] = in_flight.get(scope, 0) + value
+    for group in ("per_key", "per_tenant"):
+        rows = into.setdefault(group, {})
+        for name, row in numbers.get(group, {}).items():
+            target = rows.setdefault(name, {})
+            for field, value in row.items():
+                target[field] = target.get(field, 0) + value
 
 
 def _merge_batching(into: Dict[str, Any], numbers: Dict[str, Any]) -> None:
@@ -256,6 +290,7 @@ class SnapshotCollector:
         yield ttfb
         yield from _upstream_families(snap.get("upstreams"))
         yield from _batching_families(snap.get("batching"))
+        yield from _usage_families(snap.get("usage"))
         yield _single(GaugeMetricFamily, "proxy_requests_in_flight", "Requests being answered", snap["in_flight"])
         yield _single(
             GaugeMetricFamily, "proxy_client_connections", "Open client connections", snap["client_connections"]
@@ -399,6 +434,50 @@ def _batching_families(batching: Any) -> Iterator[Any]:
         hist = batching[key]
         family = HistogramMetricFamily(name, help_text)
         family.add_metric([], _buckets(hist, bounds), hist["total"])
+        yield family
+
+
+def _usage_families(usage: Any) -> Iterator[Any]:
+    """Client keys' metrics ([auth] mode = "keys"): labels are configured key names and
+    public model names (else "other"); the gen_ai_* histograms are the OpenTelemetry
+    GenAI conventions' client and server metrics, with their bucket boundaries."""
+    if not usage:
+        return
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+    from pyproxy.gateway.admission import TOKEN_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
+
+    tokens = CounterMetricFamily(
+        "proxy_tokens", "Tokens used upstream, by client key, public model and type", labels=["key", "model", "type"]
+    )
+    for labels, value in usage["tokens"]:
+        tokens.add_metric(labels, value)
+    yield tokens
+    limited = CounterMetricFamily(
+        "proxy_rate_limited",
+        "Requests refused 429, by key, reason (requests, tokens, concurrency, upstream) and source (proxy, upstream)",
+        labels=["key", "reason", "source"],
+    )
+    for labels, value in usage["rate_limited"]:
+        limited.add_metric(labels, value)
+    yield limited
+    yield _single(
+        CounterMetricFamily,
+        "proxy_usage_unknown",
+        "Successful responses that reported no token usage (their estimate was kept)",
+        usage["unknown"],
+    )
+    for name, table, bounds, labels, help_text in (
+        ("gen_ai_client_token_usage", "token_usage", TOKEN_BUCKETS, ["gen_ai_request_model", "gen_ai_token_type"],
+         "Tokens per request, by model and type (input, output)"),
+        ("gen_ai_server_time_to_first_token_seconds", "ttft", TTFT_BUCKETS, ["gen_ai_request_model"],
+         "Time from admission to the first response body byte"),
+        ("gen_ai_server_time_per_output_token_seconds", "tpot", TPOT_BUCKETS, ["gen_ai_request_model"],
+         "Time per output token after the first"),
+    ):  # fmt: skip
+        family = HistogramMetricFamily(name, help_text, labels=labels)
+        for label_values, hist in usage[table]:
+            family.add_metric(label_values, _buckets(hist, bounds), hist["total"])
         yield family
 
 

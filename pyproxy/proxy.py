@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
 from pyproxy._compat import is_uvloop
 from pyproxy.accesslog import AccessLog
-from pyproxy.admin import AdminServer, AdminSource
+from pyproxy.admin import AdminServer, AdminSource, admin_token_bytes
 from pyproxy.cache.layer import Cache
 from pyproxy.cache.policy import invalidated_targets
 from pyproxy.config import ConfigError, Settings
@@ -99,7 +99,7 @@ class Proxy:
             host, port = self.settings.listen
             raise ConfigError(f"--listen {host}:{port}: {exc.strerror or exc}") from None
         if admin and settings.admin_listen is not None:  # the probe feeds the admin /health only
-            self.admin = AdminServer(ProxyAdmin(self))
+            self.admin = AdminServer(ProxyAdmin(self), admin_token_bytes(settings))
             try:
                 await self.admin.start(*settings.admin_listen)
             except OSError as exc:
@@ -115,6 +115,8 @@ class Proxy:
             self.probe.start()
         if self.gateway_checks is not None:  # they bring ejected upstreams back: every worker runs them
             self.gateway_checks.start()
+        if self.gateway is not None and self.gateway.admission is not None:
+            self.gateway.admission.start()  # every worker watches the keys file itself
 
     @property
     def port(self) -> int:
@@ -149,6 +151,12 @@ class Proxy:
         self.metrics.request_done(
             endpoint, method, status, duration, client.upstream_ttfb, bytes_in, client.bytes_out, client.upstream_name
         )
+        admitted = client.admitted
+        usage = None
+        if admitted is not None:  # [auth] mode = "keys": free its slot, settle its tokens
+            client.admitted = None
+            client.meter = None
+            usage = self.gateway.admission.done(admitted, status, client.cache_status, client.dedup_status)  # type: ignore[union-attr]
         if self.access_log is not None:
             self.access_log.log(
                 client.client_ip.decode("latin-1"),
@@ -163,6 +171,7 @@ class Proxy:
                 client.request_id.decode("latin-1"),
                 client.upstream_name,
                 client.attempts,
+                usage,
             )
 
     def _new_connection(self) -> ClientConnection:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, FrozenSet, Optional, Sequence, Tupl
 
 from pyproxy.cache import policy
 from pyproxy.cache.key import (
+    CREDENTIAL_HEADERS,
     IDENTITY_HEADERS,
     NO_BODY,
     body_digest,
@@ -20,6 +21,7 @@ from pyproxy.cache.key import (
     identity_for,
     parse_json_body,
     request_key,
+    tenant_identity,
 )
 from pyproxy.cache.validation import has_conditionals
 from pyproxy.errors import BadRequest
@@ -52,6 +54,7 @@ class Plan:
         "key",
         "cache_key",
         "_identity_names",
+        "tenant",
         "conditional",
     )
 
@@ -66,6 +69,7 @@ class Plan:
         coalesce: bool,
         identity_names: Tuple[bytes, ...],
         conditional: bool = False,
+        tenant: Optional[str] = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -85,6 +89,7 @@ class Plan:
         self.key = b""
         self.cache_key = b""
         self._identity_names = identity_names
+        self.tenant = tenant
         if not self.needs_body:
             self._set_keys(NO_BODY)
 
@@ -108,6 +113,8 @@ class Plan:
 
     def _set_keys(self, body: bytes) -> None:
         caller = identity_for(self.headers, self.cache_rule, self._identity_names)
+        if self.tenant is not None:  # even a shared rule is shared within a tenant only
+            caller = tenant_identity(self.tenant, caller)
         self.key = request_key(self.target, self.method, caller, body)
         # A HEAD is answered from the stored GET response (RFC 9110 §9.3.2); HEAD
         # responses themselves are never stored, and coalesce only with HEADs.
@@ -126,6 +133,8 @@ class Router:
         self.cache_rules = settings.cache_rules if self.cache_on else ()
         self.dedup_rules = settings.dedup_rules if self.dedup_on else ()
         self.identity_names = IDENTITY_HEADERS + settings.cache_identity_headers
+        # With client keys the tenant is the caller: the key's own bytes are not.
+        self.tenant_identity_names = tuple(n for n in self.identity_names if n not in CREDENTIAL_HEADERS)
         methods = set()
         if self.cache_on or self.dedup_on:
             methods |= _SAFE
@@ -158,7 +167,9 @@ class Router:
         route = self._routes.get((method, raw_target))
         return route if route is not None else self._route(method, raw_target)
 
-    def plan(self, request: "RequestHead", has_body: bool) -> Optional[Plan]:
+    def plan(self, request: "RequestHead", has_body: bool, tenant: Optional[str] = None) -> Optional[Plan]:
+        """``tenant``: with client keys, the caller's tenant -- what cache and coalescing
+        keys are scoped by (keys of one tenant may share entries, tenants never)."""
         method = request.method
         if method not in self.methods:
             return None
@@ -181,8 +192,9 @@ class Router:
             dedup_rule,
             cache_mode,
             coalesce,
-            self.identity_names,
+            self.identity_names if tenant is None else self.tenant_identity_names,
             conditional,
+            tenant,
         )
 
 

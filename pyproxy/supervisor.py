@@ -37,7 +37,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from pyproxy._compat import json_dumps, json_loads
-from pyproxy.admin import AdminServer, AdminSource
+from pyproxy.admin import AdminServer, AdminSource, admin_token_bytes
 from pyproxy.config import ConfigError, Settings
 from pyproxy.health import UpstreamProbe
 from pyproxy.metrics import merge_snapshots
@@ -162,7 +162,7 @@ class Supervisor:
         # Every address is bound before anything runs in the background, so a start-up
         # failure has nothing to stop: one line, exit 2, at once.
         if settings.admin_listen is not None:
-            self.admin = AdminServer(SupervisorAdmin(self))
+            self.admin = AdminServer(SupervisorAdmin(self), admin_token_bytes(self.settings))
             try:
                 await self.admin.start(*settings.admin_listen)
             except OSError as exc:

@@ -26,6 +26,7 @@ from pyproxy.rules import Rule
 Header = Tuple[bytes, bytes]
 
 IDENTITY_HEADERS = (b"authorization", b"x-api-key", b"api-key", b"cookie")
+CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"api-key")  # where a client key is sent
 MAX_TARGET_IN_KEY = 2048
 SHARED = b"*"
 ANONYMOUS = b"-"
@@ -121,6 +122,11 @@ def request_key(target: bytes, method: bytes, caller: bytes, body: bytes = NO_BO
     if len(target) > MAX_TARGET_IN_KEY:
         target = target[:MAX_TARGET_IN_KEY] + b"#" + _digest(target)
     return b"%s\x00%s\x00%s\x00%s" % (target, method, caller, body)
+
+
+def tenant_identity(tenant: str, caller: bytes) -> bytes:
+    """A caller's identity scoped by its tenant (client keys): two tenants never share."""
+    return _digest(b"tenant", tenant.encode("ascii"), caller)
 
 
 def identity_for(headers: Sequence[Header], rule: Optional[Rule], names: Tuple[bytes, ...]) -> bytes:

@@ -101,6 +101,23 @@ class ModelSpec:
         return any(c in self.name for c in "*?[")
 
 
+AUTH_KEYS = frozenset({"mode", "keys_file", "tpm_reserve_max"})
+AUTH_MODES = ("off", "keys")
+DEFAULT_TPM_RESERVE_MAX = 32768
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """``[auth]``: client keys (mode = "keys"), read from ``keys_file``."""
+
+    mode: str
+    keys_file: str  # absolute
+    table: Any  # pyproxy.gateway.keys.KeyTable, as loaded at start-up
+    # The most tokens a request reserves at admission (its prompt bytes / 4 plus
+    # max_tokens); the real usage is charged when the response ends.
+    tpm_reserve_max: int = DEFAULT_TPM_RESERVE_MAX
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     upstreams: Tuple[UpstreamSpec, ...]
@@ -112,6 +129,7 @@ class GatewayConfig:
     default_upstream: Optional[str] = None  # None: no default (404); else an upstream name
     upstream_names: Tuple[str, ...] = field(default=())
     batching: Tuple[BatchRule, ...] = ()  # [[batching]]: embeddings requests batched upstream
+    auth: Optional[AuthConfig] = None  # [auth] mode = "keys"; None: off (the client's key passes)
 
     def upstream(self, name: str) -> UpstreamSpec:
         for spec in self.upstreams:
@@ -251,11 +269,42 @@ def _early_head_after(table: Mapping[str, Any], where: str) -> Optional[float]:
     return float(value)
 
 
+def parse_auth(value: Any, specs: List[UpstreamSpec], base_dir: str) -> Optional[AuthConfig]:
+    """``[auth]``; None when off. Loads the keys file: a mistake is one line at start-up."""
+    import os
+
+    from pyproxy.gateway.keys import KeysError, load_keys
+
+    table = _table(value, "auth", AUTH_KEYS)
+    mode = table.get("mode", "off")
+    if mode not in AUTH_MODES:
+        raise GatewayConfigError(f"auth.mode: expected one of {', '.join(AUTH_MODES)}, got {mode!r}")
+    if mode == "off":
+        return None
+    keys_file = table.get("keys_file")
+    if not isinstance(keys_file, str) or not keys_file:
+        raise GatewayConfigError('auth.keys_file: mode = "keys" needs the keys file (keys_file = "keys.toml")')
+    for spec in specs:
+        if spec.api_key is None:
+            # The client's key is pyproxy's now: it must never reach an upstream.
+            raise GatewayConfigError(f'auth: mode = "keys" needs an api_key on every upstream; {spec.name!r} has none')
+    reserve_max = _positive_int(table.get("tpm_reserve_max", DEFAULT_TPM_RESERVE_MAX), "auth.tpm_reserve_max")
+    path = os.path.abspath(os.path.join(base_dir, keys_file))
+    try:
+        keys = load_keys(path)
+    except KeysError as exc:
+        raise GatewayConfigError(f"auth.keys_file: {exc}") from None
+    return AuthConfig(mode, path, keys, reserve_max)
+
+
 def parse_gateway(
-    tables: Mapping[str, Any], routes: Tuple[Rule, ...], environ: Mapping[str, str]
+    tables: Mapping[str, Any], routes: Tuple[Rule, ...], environ: Mapping[str, str], base_dir: str = "."
 ) -> Optional[GatewayConfig]:
-    """The gateway config from the top-level TOML tables, or None (no ``[[upstreams]]``)."""
+    """The gateway config from the top-level TOML tables, or None (no ``[[upstreams]]``).
+    ``base_dir``: where a relative keys_file is found (the config file's directory)."""
     if "upstreams" not in tables:
+        if "auth" in tables and _table(tables["auth"], "auth", AUTH_KEYS).get("mode", "off") != "off":
+            raise GatewayConfigError('auth: mode = "keys" needs [[upstreams]], each with its api_key')
         for key in ("models", "model_aliases", "default_upstream", "batching"):
             if key in tables:
                 raise GatewayConfigError(f"{key}: needs [[upstreams]]")
@@ -328,4 +377,5 @@ def parse_gateway(
         default_upstream=None if default == NO_DEFAULT else default,
         upstream_names=tuple(by_name),
         batching=batching,
+        auth=parse_auth(tables["auth"], specs, base_dir) if "auth" in tables else None,
     )

@@ -27,6 +27,7 @@ from pyproxy.errors import (
     UpstreamTimeout,
 )
 from pyproxy.gateway import outlier
+from pyproxy.gateway.admission import Admission
 from pyproxy.gateway.balancer import choose, observe_latency, soonest_recovery
 from pyproxy.gateway.batcher import Batcher
 from pyproxy.gateway.config import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_DEADLINE, Deployment, GatewayConfig, UpstreamSpec
@@ -318,6 +319,8 @@ class Gateway:
         self.early_heads = 0
         # [[batching]]: the requests a rule covers go through the batcher.
         self.batcher = Batcher(self, config.batching, loop) if config.batching else None
+        # [auth] mode = "keys": client keys, limits and usage (None: the client's key passes).
+        self.admission = Admission(config.auth, loop) if config.auth is not None else None
 
     def early_head(self, client: Any, after: float) -> EarlyHeadSink:
         """The sink that answers ``client`` itself if its upstream is silent ``after`` s."""
@@ -741,5 +744,7 @@ class Gateway:
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
+        if self.admission is not None:
+            self.admission.close()
         for pool in self.pools.values():
             pool.close()

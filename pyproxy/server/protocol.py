@@ -171,6 +171,10 @@ class ClientConnection(asyncio.Protocol):
         "_sse_every",
         "_sse_last",
         "_sse_tail",
+        # [auth] mode = "keys": the request's key, its admission, the usage meter fed
+        "client_key",
+        "admitted",
+        "meter",
     )
 
     def __init__(self, proxy: "Proxy") -> None:
@@ -221,6 +225,9 @@ class ClientConnection(asyncio.Protocol):
         self._sse_every = 0.0  # seconds of silence a ping answers; 0: not an event stream, or off
         self._sse_last = 0.0  # loop time the stream last carried anything
         self._sse_tail = STREAM_START  # its last bytes: is it between two events?
+        self.client_key: Any = None  # pyproxy.gateway.keys.ClientKey of the request
+        self.admitted: Any = None  # pyproxy.gateway.admission.Admitted, until the request ends
+        self.meter: Any = None  # the UsageMeter its response body feeds
 
     # --- asyncio callbacks -----------------------------------------------------------
 
@@ -443,6 +450,7 @@ class ClientConnection(asyncio.Protocol):
         self.cache_status = self.dedup_status = b"-"
         self.upstream_name = ""
         self.attempts = 0
+        self.client_key = None
         # An unsafe request's answer may invalidate cached entries (RFC 9111 §4.4).
         self.unsafe_request = request if self.proxy.cache is not None and request.method not in SAFE_METHODS else None
         self._observing = True
@@ -513,6 +521,8 @@ class ClientConnection(asyncio.Protocol):
         chunked); see client_response_headers and error_response_parts."""
         self.response_started = True
         self.resp_status = status
+        if self.admitted is not None:  # x-ratelimit-* fields, and whether usage is read
+            self.meter = self.admitted.on_head(status, headers)
         if self.unsafe_request is not None:
             self.proxy.unsafe_answered(self.unsafe_request, status, headers)
         if self.closed:
@@ -649,6 +659,8 @@ class ClientConnection(asyncio.Protocol):
         if self._sse_every:
             self._sse_last = self.loop.time()
             self._sse_tail = stream_tail(self._sse_tail, data)
+        if self.meter is not None:
+            self.meter.feed(data)
         if self._gzip is not None:
             data = self._gzip.compress(data)
             if not data:

@@ -60,6 +60,21 @@ BAD_OPTIONS: Dict[str, Tuple[List[str], Dict[str, str], str]] = {
     "bad_env": (["--upstream", "http://127.0.0.1:1"], {"PYPROXY_READ_TIMEOUT": "soon"}, "PYPROXY_READ_TIMEOUT"),
     "bad_env_alias": (["--upstream", "http://127.0.0.1:1"], {"HTTP_POOL_CONNECTIONS": "many"}, "HTTP_POOL_CONNECTIONS"),
     "missing_config": (["--config", "/nonexistent/pyproxy.toml"], {}, "--config"),
+    "admin_off_loopback_without_token": (
+        ["--upstream", "http://127.0.0.1:1", "--admin-listen", "0.0.0.0:0"],
+        {},
+        "--admin-token is required",
+    ),
+    "admin_token_on_the_command_line": (
+        ["--upstream", "http://127.0.0.1:1", "--admin-token", "s3cret-token"],
+        {},
+        "expected env:NAME or file:PATH",
+    ),
+    "admin_token_env_unset": (
+        ["--upstream", "http://127.0.0.1:1", "--admin-token", "env:PYPROXY_TEST_NO_SUCH_VAR"],
+        {},
+        "PYPROXY_TEST_NO_SUCH_VAR is not set",
+    ),
 }
 
 
@@ -366,3 +381,68 @@ async def test_pypy_runs_with_a_set_gc_nursery_unless_one_is_set(preset: Optiona
         finally:
             cli.process.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(cli.process.wait(), 20) == 0
+
+
+def test_keys_new_and_list_and_a_bad_keys_file_at_start(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    made = run_cli(["keys", "new", "--name", "alice", "--rpm", "60", "--tpm", "1000", "--file", str(keys)])
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    assert re.fullmatch(r"pp-[A-Za-z0-9_-]{43,}", key)
+    assert key not in keys.read_text() and "sha256:" in keys.read_text()
+    assert oct(keys.stat().st_mode & 0o777) == "0o600"
+    again = run_cli(["keys", "new", "--name", "alice", "--file", str(keys)])
+    assert again.returncode == 2 and "exists already" in again.stderr and again.stderr.count("\n") == 1
+    assert run_cli(["keys", "new", "--name", "Bad Name", "--file", str(keys)]).returncode == 2
+    listed = run_cli(["keys", "list", "--file", str(keys)])
+    assert listed.returncode == 0 and "alice" in listed.stdout and "60" in listed.stdout
+    digest = keys.read_text().split('hash = "sha256:')[1][:64]
+    assert digest not in listed.stdout and digest[:8] in listed.stdout
+    # Started with a keys file that does not load: one line, exit 2, no key material.
+    keys.write_text(keys.read_text() + '\n[[keys]]\nname = "bob"\nhash = "' + key + '"\n')
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        '[[upstreams]]\nname = "up"\nurl = "http://127.0.0.1:1"\napi_key = "k"\n'
+        '[auth]\nmode = "keys"\nkeys_file = "keys.toml"\n'  # relative: next to the config file
+    )
+    result = run_cli(["--config", str(config)])
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "keys[1] (bob).hash" in result.stderr and "plaintext key is not stored" in result.stderr
+    assert key not in result.stderr
+
+
+async def test_sighup_reloads_the_keys_file_in_one_process(tmp_path: Path) -> None:
+    from pyproxy.gateway.keys import key_hash
+
+    async with Origin() as origin:
+        keys = tmp_path / "keys.toml"
+        keys.write_text(f'[[keys]]\nname = "alice"\nhash = "{key_hash("pp-alice-key")}"\n')
+        config = tmp_path / "gw.toml"
+        config.write_text(
+            f'[[upstreams]]\nname = "up"\nurl = "{origin.url}"\napi_key = "k"\n'
+            f'[auth]\nmode = "keys"\nkeys_file = "{keys}"\n'
+        )
+        cli = await start_cli("--config", str(config))
+        try:
+            auth = [(b"authorization", b"Bearer pp-alice-key")]
+            async with await Client.connect(cli.port) as client:
+                assert (await client.request(b"GET", b"/v1/models", auth)).status == 200
+            # Same size, same second: only SIGHUP tells (an mtime check might miss it).
+            text = keys.read_text()
+            with open(keys, "r+") as fh:
+                fh.write(text.replace('name = "alice"', 'name = "alicf"'))
+            stat = keys.stat()
+            os.utime(keys, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            cli.process.send_signal(signal.SIGHUP)
+            await cli.wait_for_log("keys file reloaded (SIGHUP)")
+            async with await Client.connect(cli.port) as client:
+                resp = await client.request(b"GET", b"/v1/models", auth)
+                assert resp.status == 200  # the same key, renamed: still valid
+            keys.write_text("")
+            cli.process.send_signal(signal.SIGHUP)
+            await cli.wait_for_log("keys file reloaded (SIGHUP): 0 keys")
+            async with await Client.connect(cli.port) as client:
+                assert (await client.request(b"GET", b"/v1/models", auth)).status == 401
+        finally:
+            cli.process.terminate()
+            await cli.process.wait()

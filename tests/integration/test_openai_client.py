@@ -199,3 +199,79 @@ async def test_openai_stream_through_keepalive_pings_and_an_early_head() -> None
         assert pieces == WORDS
         assert proxy.stats_sse_pings >= len(WORDS) + 1
         assert proxy.gateway is not None and proxy.gateway.early_heads == 1
+
+
+async def test_openai_client_through_client_keys() -> None:
+    """Keys mode with the real client: its key is accepted, usage from a stream with
+    include_usage is counted, and pyproxy's 401/403/429 raise the client's own error
+    types without a retry (x-should-retry: false on 401/403; 429 is retried by the
+    client only when asked to, so max_retries=0 there)."""
+    import hashlib
+    import os
+    import tempfile
+
+    from pyproxy.gateway.keys import key_hash, new_key
+
+    async with Origin() as origin:
+
+        @origin.route(b"/v1/chat/completions")
+        async def chat(req: Received, reply: Reply) -> None:
+            body = json.loads(req.body)
+            usage = {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+            if not body.get("stream"):
+                await reply.full(200, json.dumps(dict(COMPLETION, usage=usage)).encode())
+                return
+            await reply.head(200, [(b"content-type", b"text/event-stream")])
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+            for word in WORDS:
+                delta = dict(chunk, choices=[{"index": 0, "delta": {"content": word}, "finish_reason": None}])
+                await reply.data(b"data: " + json.dumps(delta).encode() + b"\n\n")
+            if (body.get("stream_options") or {}).get("include_usage"):
+                await reply.data(b"data: " + json.dumps(dict(chunk, choices=[], usage=usage)).encode() + b"\n\n")
+            await reply.data(b"data: [DONE]\n\n")
+            await reply.end()
+
+        alice, bob = new_key(), new_key()
+        folder = tempfile.mkdtemp(prefix="pyproxy-keys-")
+        keys_file = os.path.join(folder, "keys.toml")
+        with open(keys_file, "w") as fh:
+            fh.write(f'[[keys]]\nname = "alice"\nhash = "{key_hash(alice)}"\nrpm = 2\n')
+            fh.write(f'[[keys]]\nname = "bob"\nhash = "{key_hash(bob)}"\nmodels = ["other"]\n')
+        toml = (
+            f'[[upstreams]]\nname = "up"\nurl = "{origin.url}"\napi_key = "sk-upstream"\n'
+            '[[models]]\nname = "gpt-test"\ndeployments = [{ upstream = "up" }]\n'
+            f'[auth]\nmode = "keys"\nkeys_file = "{keys_file}"\n'
+        )
+        async with running_gateway(toml) as proxy:
+            base = f"http://127.0.0.1:{proxy.port}/v1"
+            messages = [{"role": "user", "content": "hi"}]
+            client = openai.AsyncOpenAI(base_url=base, api_key=alice, max_retries=0)
+            try:
+                done = await client.chat.completions.create(model="gpt-test", messages=messages)
+                assert done.usage.total_tokens == 6
+                stream = await client.chat.completions.create(
+                    model="gpt-test", messages=messages, stream=True, stream_options={"include_usage": True}
+                )
+                chunks = [chunk async for chunk in stream]
+                assert chunks[-1].usage.completion_tokens == 2
+                assert [c.choices[0].delta.content for c in chunks if c.choices] == WORDS
+                await client.models.list()  # answered by pyproxy: not a request of the limit
+                with pytest.raises(openai.RateLimitError) as limited:
+                    await client.chat.completions.create(model="gpt-test", messages=messages)
+                assert limited.value.code == "rate_limit_exceeded"
+                assert int(limited.value.response.headers["retry-after"]) >= 1
+            finally:
+                await client.close()
+            answered = sum(proxy.metrics.requests.values())
+            for key, error in (("pp-not-a-key", openai.AuthenticationError), (bob, openai.PermissionDeniedError)):
+                retrying = openai.AsyncOpenAI(base_url=base, api_key=key, max_retries=2)
+                try:
+                    with pytest.raises(error):
+                        await retrying.chat.completions.create(model="gpt-test", messages=messages)
+                finally:
+                    await retrying.close()
+            assert sum(proxy.metrics.requests.values()) == answered + 2  # no retries
+            usage = proxy.gateway.admission.snapshot()["per_key"]["alice"]  # type: ignore[union-attr]
+            assert usage == {"requests": 2, "input_tokens": 8, "output_tokens": 4, "estimated": 0}
+            assert all(r.header(b"authorization") == b"Bearer sk-upstream" for r in origin.requests)
+            assert hashlib.sha256(alice.encode()).hexdigest() not in json.dumps(proxy.gateway.admission.snapshot())  # type: ignore[union-attr]

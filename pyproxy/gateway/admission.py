@@ -1,0 +1,336 @@
+"""Admission (``[auth] mode = "keys"``): who is asking, may they, and how much they used.
+
+The handler asks ``authenticate`` with the request head (401 here), then
+``admit`` once the public model is known (403 and 429 here); the answer is an
+``Admitted`` the client connection holds until its request ends, however it
+ends -- ``done`` runs from the connection's one end-of-request hook, so an
+in-flight slot cannot leak on a cancelled stream, an upstream error, a timeout
+or a coalesced follower leaving.
+
+The decisions are the pure ``keys`` and ``limits`` functions; this module holds
+their state (the key table, reloaded when the file changes or on SIGHUP; the
+limiter's buckets), the usage totals and the metrics of this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+from pyproxy.errors import Forbidden, RateLimited, Unauthorized
+from pyproxy.gateway import limits as gcra
+from pyproxy.gateway.keys import ClientKey, KeysError, KeyTable, load_keys, presented_key
+from pyproxy.gateway.usage import UsageMeter
+from pyproxy.metrics import Histogram
+
+if TYPE_CHECKING:  # pragma: no cover
+    import asyncio
+
+    from pyproxy.gateway.config import AuthConfig
+
+log = logging.getLogger("pyproxy.keys")
+
+Header = Tuple[bytes, bytes]
+
+# How often each process looks at the keys file's mtime: a removed or disabled key
+# stops working within this (the issue asks for 5 s; a stat a second costs nothing).
+RELOAD_CHECK_SECONDS = 1.0
+OTHER = "other"
+# Answers that cost the upstream no generation: they spend no tokens of a key.
+FROM_CACHE = frozenset({b"HIT", b"STALE", b"REVALIDATED"})  # the metrics label of a model that is not configured
+
+# OpenTelemetry GenAI semantic conventions, the histograms' explicit bucket boundaries.
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+
+class Admitted:
+    """One admitted request: its key, its hold on the limits, its usage meter."""
+
+    __slots__ = ("key", "model", "label", "ticket", "meter", "limit_headers", "started")
+
+    def __init__(
+        self,
+        key: ClientKey,
+        model: Optional[str],
+        label: str,
+        ticket: Optional[gcra.Ticket],
+        headers: List[Header],
+    ) -> None:
+        self.key = key
+        self.model = model  # the public model name, or None (a route without one)
+        self.label = label  # its metrics label: the configured name (or glob), else "other"
+        self.ticket = ticket  # None: the key has no limits
+        self.meter: Optional[UsageMeter] = None  # set when the response head is a 2xx JSON/event stream
+        self.limit_headers = headers  # x-ratelimit-*, added to the response head
+        self.started = time.perf_counter()
+
+    def on_head(self, status: int, headers: List[Header]) -> Optional[UsageMeter]:
+        """The response head is going out: add the rate-limit fields (before a trailing
+        Content-Length, which stays last by contract); the meter to feed, if any."""
+        extra = self.limit_headers
+        if extra:
+            if headers and headers[-1][0] == b"content-length":
+                headers[-1:-1] = extra
+            else:
+                headers += extra
+        meter = UsageMeter()
+        if meter.start(status, headers):
+            self.meter = meter
+            return meter
+        return None
+
+
+class UsageStats:
+    """This process's usage: per key and tenant (admin /usage), and the metrics."""
+
+    def __init__(self) -> None:
+        self.tokens: Dict[Tuple[str, str, str], int] = {}  # (key, model, input|output)
+        self.rate_limited: Dict[Tuple[str, str, str], int] = {}  # (key, reason, proxy|upstream)
+        self.unknown = 0  # responses that reported no usage: their estimate stands
+        self.token_usage: Dict[Tuple[str, str], Histogram] = {}  # (model, type)
+        self.ttft: Dict[str, Histogram] = {}
+        self.tpot: Dict[str, Histogram] = {}
+        self.per_key: Dict[str, Dict[str, int]] = {}
+        self.per_tenant: Dict[str, Dict[str, int]] = {}
+
+    def count(self, key: ClientKey, model: str, used_in: int, used_out: int, reported: bool) -> None:
+        for kind, n in (("input", used_in), ("output", used_out)):
+            label = (key.name, model, kind)
+            self.tokens[label] = self.tokens.get(label, 0) + n
+            if reported:
+                hist = self.token_usage.get((model, kind))
+                if hist is None:
+                    hist = self.token_usage[(model, kind)] = Histogram(TOKEN_BUCKETS)
+                hist.observe(n)
+        for table, name in ((self.per_key, key.name), (self.per_tenant, key.tenant)):
+            row = table.get(name)
+            if row is None:
+                row = table[name] = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "estimated": 0}
+            row["requests"] += 1
+            row["input_tokens"] += used_in
+            row["output_tokens"] += used_out
+            row["estimated"] += not reported
+
+    def timing(self, model: str, ttft: float, per_token: Optional[float]) -> None:
+        hist = self.ttft.get(model)
+        if hist is None:
+            hist = self.ttft[model] = Histogram(TTFT_BUCKETS)
+        hist.observe(ttft)
+        if per_token is not None:
+            hist = self.tpot.get(model)
+            if hist is None:
+                hist = self.tpot[model] = Histogram(TPOT_BUCKETS)
+            hist.observe(per_token)
+
+    def refused(self, key: str, reason: str, source: str) -> None:
+        label = (key, reason, source)
+        self.rate_limited[label] = self.rate_limited.get(label, 0) + 1
+
+    def snapshot(self) -> Dict[str, Any]:
+        return {
+            "tokens": [[list(k), v] for k, v in self.tokens.items()],
+            "rate_limited": [[list(k), v] for k, v in self.rate_limited.items()],
+            "unknown": self.unknown,
+            "token_usage": [[list(k), h.snapshot()] for k, h in self.token_usage.items()],
+            "ttft": [[[k], h.snapshot()] for k, h in self.ttft.items()],
+            "tpot": [[[k], h.snapshot()] for k, h in self.tpot.items()],
+            "per_key": {k: dict(v) for k, v in self.per_key.items()},
+            "per_tenant": {k: dict(v) for k, v in self.per_tenant.items()},
+        }
+
+
+class Admission:
+    def __init__(
+        self,
+        auth: "AuthConfig",
+        loop: "asyncio.AbstractEventLoop",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.auth = auth
+        self.loop = loop
+        self.table: KeyTable = auth.table
+        self.limiter = gcra.Limiter()
+        self.clock = clock  # the limits' clock (monotonic; a fake one in tests)
+        self.wall = time.time  # for keys' expires
+        self.stats = UsageStats()
+        self.reloads = 0
+        self.reload_errors = 0
+        self._file_id = self._stat()
+        self._timer: Optional["asyncio.TimerHandle"] = None
+
+    # --- the keys file ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._timer = self.loop.call_later(RELOAD_CHECK_SECONDS, self._check_file)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _stat(self) -> Optional[Tuple[int, int, int]]:
+        try:
+            st = os.stat(self.auth.keys_file)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _check_file(self) -> None:
+        self._timer = self.loop.call_later(RELOAD_CHECK_SECONDS, self._check_file)
+        file_id = self._stat()
+        if file_id != self._file_id:
+            self._file_id = file_id
+            self.reload("changed on disk")
+
+    def reload(self, why: str = "SIGHUP") -> bool:
+        """Read the keys file again; on any error keep the keys in force (one log line)."""
+        try:
+            table = load_keys(self.auth.keys_file)
+        except KeysError as exc:
+            self.reload_errors += 1
+            log.error("keys file not reloaded (%s), the previous keys stay in force: %s", why, exc)
+            return False
+        self.table = table
+        self.reloads += 1
+        live = [f"k:{name}" for name in table.names] + [f"t:{name}" for name in table.tenants]
+        live += [
+            scope for scope in self.limiter.buckets if scope.startswith("m:") and scope.split(":")[1] in table.names
+        ]
+        self.limiter.prune(live)
+        log.info("keys file reloaded (%s): %d keys", why, len(table.by_digest))
+        return True
+
+    # --- admission -------------------------------------------------------------------------
+
+    def authenticate(self, headers: List[Header]) -> ClientKey:
+        presented = presented_key(headers)
+        if presented is None:
+            raise Unauthorized(
+                "missing API key: send it as Authorization: Bearer <key> (or x-api-key, or api-key)",
+                code="missing_api_key",
+            )
+        key = self.table.lookup(presented)
+        if key is None:
+            raise Unauthorized("invalid API key", code="invalid_api_key")
+        if key.disabled:
+            raise Unauthorized(f"the API key {key.name!r} is disabled", code="invalid_api_key")
+        if key.expires is not None and self.wall() >= key.expires:
+            raise Unauthorized(f"the API key {key.name!r} has expired", code="invalid_api_key")
+        return key
+
+    def admit(self, key: ClientKey, model: Optional[str], label: str, body_bytes: int, value: Any) -> Admitted:
+        if model is not None and not key.allows(model):
+            raise Forbidden(f"the API key {key.name!r} may not use the model {model!r}", code="model_not_allowed")
+        buckets: List[gcra.Bucket] = []
+        limiter = self.limiter
+        if key.limits.any:
+            buckets.append(limiter.bucket(f"k:{key.name}", key.limits))
+        tenant_limits = self.table.tenants.get(key.tenant)
+        if tenant_limits is not None and tenant_limits.any:
+            buckets.append(limiter.bucket(f"t:{key.tenant}", tenant_limits))
+        on_model = key.limits_on(model)
+        if on_model is not None and on_model[1].any:
+            buckets.append(limiter.bucket(f"m:{key.name}:{on_model[0]}", on_model[1]))
+        if not buckets:
+            return Admitted(key, model, label, None, [])
+        now = self.clock()
+        cost = 0
+        if any(b.limits.tpm is not None for b in buckets):
+            cost = gcra.estimate_tokens(body_bytes, value, self.auth.tpm_reserve_max)
+        decision = gcra.admit(buckets, cost, now)
+        if type(decision) is gcra.Refusal:
+            self.stats.refused(key.name, decision.reason, "proxy")
+            headers = limit_headers(decision.bucket, now)
+            raise RateLimited(
+                _refusal_message(key, decision), decision.retry_after, headers, tokens=decision.reason == gcra.TOKENS
+            )
+        return Admitted(key, model, label, decision, limit_headers(buckets[0], now))  # type: ignore[arg-type]
+
+    def done(self, admitted: Admitted, status: int, cache_status: bytes, dedup_status: bytes) -> Dict[str, Any]:
+        """The request ended: free its slot, settle its tokens, count its usage.
+        Returns the access log's fields."""
+        ticket = admitted.ticket
+        if ticket is not None:
+            gcra.release(ticket)
+        meter = admitted.meter
+        if meter is not None:
+            meter.finish()
+        reported = meter is not None and meter.reported
+        free = cache_status in FROM_CACHE or dedup_status == b"follower"  # no upstream tokens spent
+        key = admitted.key
+        model = admitted.label
+        used_in = used_out = 0
+        if reported:
+            used_in = meter.input or 0  # type: ignore[union-attr]
+            used_out = meter.output or 0  # type: ignore[union-attr]
+        if status == 429:  # the upstream's own (pyproxy's are answered before admission)
+            self.stats.refused(key.name, "upstream", "upstream")
+        if ticket is not None and ticket.reserved:
+            used = 0 if free else (used_in + used_out if reported else ticket.reserved)
+            gcra.reconcile(ticket, used, self.clock())
+        if not free:
+            if not reported and 200 <= status < 300:
+                self.stats.unknown += 1
+            self.stats.count(key, model, used_in, used_out, reported)
+            if reported and meter.first_at:  # type: ignore[union-attr]
+                first = meter.first_at - admitted.started  # type: ignore[union-attr]
+                rest = time.perf_counter() - meter.first_at  # type: ignore[union-attr]
+                # Time per output token means something for a stream only: a JSON body
+                # arrives all at once.
+                streamed = meter.streamed and used_out > 1  # type: ignore[union-attr]
+                self.stats.timing(model, first, rest / (used_out - 1) if streamed else None)
+        return {
+            "key": key.name,
+            "tenant": key.tenant,
+            "model": admitted.model,
+            "input_tokens": used_in if reported else None,
+            "output_tokens": used_out if reported else None,
+            "usage": "cached" if free else ("reported" if reported else "estimated"),
+        }
+
+    def snapshot(self) -> Dict[str, Any]:
+        """The metrics' and admin /usage's numbers (the supervisor sums its workers')."""
+        return dict(self.stats.snapshot(), in_flight=self.limiter.in_flight())
+
+
+def limit_headers(bucket: gcra.Bucket, now: float) -> List[Header]:
+    """OpenAI's x-ratelimit-* fields of one scope (RFC-less, as OpenAI sends them)."""
+    limits = bucket.limits
+    requests, tokens = gcra.remaining(bucket, now)
+    reset_requests, reset_tokens = gcra.reset_after(bucket, now)
+    out: List[Header] = []
+    if limits.rpm is not None:
+        out += [
+            (b"x-ratelimit-limit-requests", b"%d" % limits.rpm),
+            (b"x-ratelimit-remaining-requests", b"%d" % requests),  # type: ignore[str-format]
+            (b"x-ratelimit-reset-requests", gcra.duration_text(reset_requests).encode("ascii")),
+        ]
+    if limits.tpm is not None:
+        out += [
+            (b"x-ratelimit-limit-tokens", b"%d" % limits.tpm),
+            (b"x-ratelimit-remaining-tokens", b"%d" % tokens),  # type: ignore[str-format]
+            (b"x-ratelimit-reset-tokens", gcra.duration_text(reset_tokens).encode("ascii")),
+        ]
+    return out
+
+
+def _refusal_message(key: ClientKey, refusal: gcra.Refusal) -> str:
+    scope = refusal.scope
+    if scope.startswith("t:"):
+        whose = f"the tenant {key.tenant!r}"
+    elif scope.startswith("m:"):
+        whose = f"the API key {key.name!r} on this model"
+    else:
+        whose = f"the API key {key.name!r}"
+    limits = refusal.bucket.limits
+    if refusal.reason == gcra.CONCURRENCY:
+        what = f"{limits.max_parallel} requests in flight"
+    elif refusal.reason == gcra.REQUESTS:
+        what = f"{limits.rpm} requests per minute"
+    else:
+        what = f"{limits.tpm} tokens per minute"
+    return f"rate limit reached for {whose}: {what}; retry after {refusal.retry_after:.3g} s"

@@ -1,0 +1,214 @@
+"""Rate limits on requests, tokens and concurrency: pure functions of state and a clock.
+
+Requests per minute and tokens per minute are GCRA (the generic cell rate
+algorithm, ITU-T I.371; what Redis-cell and Stripe's limiters use): a scope
+keeps one number, its *theoretical arrival time* ``tat``. Each request moves it
+forward by its cost times the emission interval (60 s / limit); a request is
+admitted while ``tat`` stays within one minute of now. That is a sliding
+window, exact and smooth: a full minute's worth may come at once, and then
+one more every 60/rpm seconds, never a fixed window's double burst at the
+minute's edge.
+
+Tokens are not known until the response ends, so admission *reserves* an
+estimate and ``reconcile`` moves the scope's ``tat`` by the difference to the
+real usage -- back (a refund) or forward (a charge, which may push the scope
+over its limit: later requests wait until it has drained).
+
+An admission checks every scope of the request (key, tenant, key on model)
+first and changes any of them only if all admit it (decide, then act), so a
+request refused by its tenant costs its key nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from pyproxy.gateway.keys import Limits
+
+WINDOW = 60.0  # seconds: the "per minute" of rpm and tpm
+
+REQUESTS = "requests"
+TOKENS = "tokens"
+CONCURRENCY = "concurrency"
+
+
+class Bucket:
+    """The state of one scope."""
+
+    __slots__ = ("scope", "limits", "tat_requests", "tat_tokens", "in_flight")
+
+    def __init__(self, scope: str, limits: Limits) -> None:
+        self.scope = scope
+        self.limits = limits
+        self.tat_requests = 0.0
+        self.tat_tokens = 0.0
+        self.in_flight = 0
+
+
+class Refusal:
+    """Why a request was not admitted, and when it may be."""
+
+    __slots__ = ("scope", "reason", "retry_after", "bucket")
+
+    def __init__(self, scope: str, reason: str, retry_after: float, bucket: Bucket) -> None:
+        self.scope = scope
+        self.reason = reason  # REQUESTS, TOKENS or CONCURRENCY
+        self.retry_after = retry_after  # seconds
+        self.bucket = bucket
+
+
+class Ticket:
+    """An admitted request's hold on its scopes: one in-flight slot (where counted)
+    and its token reservation, given back by ``release`` and ``reconcile``."""
+
+    __slots__ = ("buckets", "reserved", "released", "settled")
+
+    def __init__(self, buckets: List[Bucket], reserved: int) -> None:
+        self.buckets = buckets
+        self.reserved = reserved
+        self.released = False
+        self.settled = False
+
+
+def _interval(limit: int) -> float:
+    return WINDOW / limit
+
+
+def check(bucket: Bucket, cost: int, now: float) -> Optional[Tuple[str, float]]:
+    """(reason, retry after) if ``bucket`` refuses a request reserving ``cost``
+    tokens now; None if it admits it."""
+    limits = bucket.limits
+    if limits.max_parallel is not None and bucket.in_flight >= limits.max_parallel:
+        # When a slot frees is not known; a second is the usual answer (OpenAI's too).
+        return CONCURRENCY, 1.0
+    if limits.rpm is not None:
+        step = _interval(limits.rpm)
+        after = max(bucket.tat_requests, now) + step
+        if after - now > WINDOW + 1e-9:
+            return REQUESTS, after - now - WINDOW
+    if limits.tpm is not None and cost:
+        step = _interval(limits.tpm)
+        # A reservation larger than the whole minute's budget would never pass: it is
+        # admitted once the scope is idle, and its real usage charged afterwards.
+        cost = min(cost, limits.tpm)
+        after = max(bucket.tat_tokens, now) + cost * step
+        if after - now > WINDOW + 1e-9:
+            return TOKENS, after - now - WINDOW
+    return None
+
+
+def take(bucket: Bucket, cost: int, now: float) -> None:
+    limits = bucket.limits
+    if limits.max_parallel is not None:
+        bucket.in_flight += 1
+    if limits.rpm is not None:
+        bucket.tat_requests = max(bucket.tat_requests, now) + _interval(limits.rpm)
+    if limits.tpm is not None and cost:
+        bucket.tat_tokens = max(bucket.tat_tokens, now) + min(cost, limits.tpm) * _interval(limits.tpm)
+
+
+def admit(buckets: Sequence[Bucket], cost: int, now: float) -> "Ticket | Refusal":
+    """Decide over every scope, then act on all of them or none."""
+    for bucket in buckets:
+        refused = check(bucket, cost, now)
+        if refused is not None:
+            return Refusal(bucket.scope, refused[0], refused[1], bucket)
+    for bucket in buckets:
+        take(bucket, cost, now)
+    return Ticket(list(buckets), cost)
+
+
+def release(ticket: Ticket) -> None:
+    """The request ended, however it ended: its in-flight slots are free. Idempotent."""
+    if ticket.released:
+        return
+    ticket.released = True
+    for bucket in ticket.buckets:
+        if bucket.limits.max_parallel is not None and bucket.in_flight > 0:
+            bucket.in_flight -= 1
+
+
+def reconcile(ticket: Ticket, used: int, now: float) -> None:
+    """Replace the token reservation by the real usage: refund or charge the
+    difference. Once per ticket."""
+    if ticket.settled:
+        return
+    ticket.settled = True
+    for bucket in ticket.buckets:
+        tpm = bucket.limits.tpm
+        if tpm is None:
+            continue
+        reserved = min(ticket.reserved, tpm)
+        delta = (used - reserved) * _interval(tpm)
+        # A refund never gives back more than the time still ahead: tokens spent
+        # before the bucket had drained are not returned twice.
+        bucket.tat_tokens = max(bucket.tat_tokens + delta, now) if delta < 0 else bucket.tat_tokens + delta
+
+
+def remaining(bucket: Bucket, now: float) -> Tuple[Optional[int], Optional[int]]:
+    """(requests, tokens) the scope would admit now, None where uncapped."""
+    limits = bucket.limits
+    requests = tokens = None
+    if limits.rpm is not None:
+        ahead = max(bucket.tat_requests - now, 0.0)
+        requests = max(0, min(limits.rpm, int(math.floor((WINDOW - ahead) / _interval(limits.rpm) + 1e-9))))
+    if limits.tpm is not None:
+        ahead = max(bucket.tat_tokens - now, 0.0)
+        tokens = max(0, min(limits.tpm, int(math.floor((WINDOW - ahead) / _interval(limits.tpm) + 1e-9))))
+    return requests, tokens
+
+
+def reset_after(bucket: Bucket, now: float) -> Tuple[float, float]:
+    """Seconds until the requests and tokens budgets are whole again."""
+    return max(bucket.tat_requests - now, 0.0), max(bucket.tat_tokens - now, 0.0)
+
+
+def duration_text(seconds: float) -> str:
+    """OpenAI's reset format: ``1s``, ``6m0s``, ``20ms``."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    if seconds < 60:
+        text = f"{seconds:.3f}".rstrip("0").rstrip(".")
+        return text + "s"
+    minutes, rest = divmod(int(math.ceil(seconds)), 60)
+    return f"{minutes}m{rest}s"
+
+
+def estimate_tokens(body_bytes: int, value: object, cap: int) -> int:
+    """The tokens a request reserves at admission: its prompt bytes / 4 (about four
+    bytes a token for English text in the BPE tokenizers), plus the completion it
+    asks for at most (``max_tokens`` / ``max_completion_tokens`` /
+    ``max_output_tokens``), capped by ``cap`` (tpm_reserve_max)."""
+    estimate = body_bytes // 4
+    if type(value) is dict:
+        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+            asked = value.get(name)
+            if type(asked) is int and asked > 0:
+                estimate += asked
+                break
+    return max(1, min(estimate, cap))
+
+
+class Limiter:
+    """The buckets of one process, by scope. Bounded: scopes are configured keys,
+    tenants and (key, model glob) pairs; a reload drops the ones gone and idle."""
+
+    def __init__(self) -> None:
+        self.buckets: Dict[str, Bucket] = {}
+
+    def bucket(self, scope: str, limits: Limits) -> Bucket:
+        bucket = self.buckets.get(scope)
+        if bucket is None:
+            bucket = self.buckets[scope] = Bucket(scope, limits)
+        elif bucket.limits is not limits:
+            bucket.limits = limits  # edited in the keys file: the new caps, the state kept
+        return bucket
+
+    def prune(self, live: Sequence[str]) -> None:
+        keep = set(live)
+        for scope in [s for s, b in self.buckets.items() if s not in keep and b.in_flight == 0]:
+            del self.buckets[scope]
+
+    def in_flight(self) -> Dict[str, int]:
+        return {scope: b.in_flight for scope, b in self.buckets.items() if b.limits.max_parallel is not None}
