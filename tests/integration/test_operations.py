@@ -439,4 +439,8 @@ async def test_durations_have_sub_millisecond_resolution_on_every_loop() -> None
         # A millisecond-quantized clock makes every value a multiple of 1000 us.
         assert sum(1 for us in fractions if us % 1000) >= 90, fractions
         total = sum(h.total for h in proxy.metrics.durations.values())
-        assert total > 0 and round(total * 1e6) % 1000, total
+        # Within a nanosecond of a whole millisecond only if every duration was
+        # quantized (the chance for real sub-ms values is about 2e-6; rounding
+        # to microseconds, as before, made it 1 in 1000 and failed a PyPy run).
+        off_ms_grid = abs(total * 1000 - round(total * 1000))
+        assert total > 0 and off_ms_grid > 1e-6, total
