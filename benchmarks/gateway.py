@@ -75,15 +75,23 @@ def origin_stats(port: int) -> Dict[str, int]:
     return json.loads(data.split(b"\r\n\r\n", 1)[1])
 
 
-def gateway_config(workdir: Path, ports: List[int]) -> Path:
+def gateway_config(
+    workdir: Path, ports: List[int], keys_file: Optional[Path] = None, upstream_key: bool = False
+) -> Path:
+    """Upstreams balanced for one model; with ``keys_file``, [auth] mode = "keys" (which
+    needs ``upstream_key``: the keys scenario sets it on both variants, so what differs
+    is admission alone)."""
     lines = []
+    if keys_file is not None:
+        lines.append(f'[auth]\nmode = "keys"\nkeys_file = "{keys_file}"\n')
     for i, port in enumerate(ports):
-        lines.append(f'[[upstreams]]\nname = "o{i}"\nurl = "http://127.0.0.1:{port}"\n')
+        key = '\napi_key = "env:PYPROXY_BENCH_UPSTREAM_KEY"' if upstream_key else ""
+        lines.append(f'[[upstreams]]\nname = "o{i}"\nurl = "http://127.0.0.1:{port}"{key}\n')
     deployments = ", ".join(f'{{ upstream = "o{i}" }}' for i in range(len(ports)))
     lines.append(f'[[models]]\nname = "gpt-bench"\ndeployments = [{deployments}]\n')
     # GETs carry no model: a path route balances them over the same three.
     lines.append(f'[[routes]]\nmethods = ["GET"]\npath = "/v1/chat/completions"\ndeployments = [{deployments}]\n')
-    path = workdir / f"gateway-{'-'.join(map(str, ports))}.toml"
+    path = workdir / f"gateway-{'-'.join(map(str, ports))}{'-keys' if keys_file else ''}.toml"
     path.write_text("\n".join(lines))
     return path
 
@@ -123,11 +131,11 @@ def start(name: str, workdir: Path, pypy: str, ports: List[int]) -> Service:
     return pyproxy(name, pypy, port, "--config", str(gateway_config(workdir, ports)))
 
 
-def post_script(workdir: Path) -> Path:
-    script = workdir / "post.lua"
+def post_script(workdir: Path, key: str = "sk-bench") -> Path:
+    script = workdir / f"post-{key}.lua"
     script.write_text(
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-        'wrk.headers["Authorization"] = "Bearer sk-bench"\n'
+        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
         f"wrk.body = [[{CHAT_REQUEST}]]\n"
     )
     return script
@@ -146,43 +154,78 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def interleaved(
+    name: str, services: Dict[str, Service], script: Path, origin_port: int, duration: float, quick: bool
+) -> Dict[str, Any]:
+    """wrk against each service in alternating rounds (drift on a shared machine hits
+    both alike); the median req/s, CPU and the origin's new connections of each."""
+    out: Dict[str, Any] = {}
+    runs: Dict[str, List[float]] = {label: [] for label in services}
+    try:
+        for service in services.values():
+            warm(name, f"http://127.0.0.1:{service.port}/v1/chat/completions", script, quick)
+        for _ in range(1 if quick else 3):
+            for label, service in services.items():
+                before = origin_stats(origin_port)["connections"]
+                cpu = cpu_seconds(service.proc.pid)
+                result = wrk(f"http://127.0.0.1:{service.port}/v1/chat/completions", CONNECTIONS, duration, script)
+                out[f"{label}_cpu"] = (cpu_seconds(service.proc.pid) - cpu) / duration
+                runs[label].append(result["rps"])
+                out[f"{label}_origin_connections"] = origin_stats(origin_port)["connections"] - before
+                out[f"{label}_non2xx"] = out.get(f"{label}_non2xx", 0) + result.get("non2xx", 0)
+    finally:
+        for service in services.values():
+            service.stop()
+    for label, values in runs.items():
+        out[f"{label}_rps"] = statistics.median(values)
+        out[f"{label}_runs"] = values
+    return out
+
+
 def routed_scenario(name: str, workdir: Path, pypy: str, duration: float, quick: bool) -> Dict[str, Any]:
     """Three upstreams (three names, three pools) in front of one origin process, so the
     origin side -- which shares a core with wrk -- is the same for both rows and the
     ratio is what routing costs pyproxy."""
-    origins = [origin(pypy, 0)]
-    script = post_script(workdir)
-    out: Dict[str, Any] = {}
+    upstream = origin(pypy, 0)
     try:
-        ports = [origins[0].port] * 3
-        runs: Dict[str, List[float]] = {"plain": [], "routed": []}
+        ports = [upstream.port] * 3
         services = {
             "plain": pyproxy(name, pypy, free_port(), "--upstream", f"http://127.0.0.1:{ports[0]}"),
             "routed": start(name, workdir, pypy, ports),
         }
-        try:
-            for service in services.values():
-                warm(name, f"http://127.0.0.1:{service.port}/v1/chat/completions", script, quick)
-            # Interleaved, alternating: drift on a shared machine hits both alike.
-            for _ in range(1 if quick else 3):
-                for label, service in services.items():
-                    before = origin_stats(ports[0])["connections"]
-                    cpu = cpu_seconds(service.proc.pid)
-                    result = wrk(f"http://127.0.0.1:{service.port}/v1/chat/completions", CONNECTIONS, duration, script)
-                    out[f"{label}_cpu"] = (cpu_seconds(service.proc.pid) - cpu) / duration
-                    runs[label].append(result["rps"])
-                    out[f"{label}_origin_connections"] = origin_stats(ports[0])["connections"] - before
-                    out[f"{label}_non2xx"] = out.get(f"{label}_non2xx", 0) + result.get("non2xx", 0)
-        finally:
-            for service in services.values():
-                service.stop()
-        for label, values in runs.items():
-            out[f"{label}_rps"] = statistics.median(values)
-            out[f"{label}_runs"] = values
+        out = interleaved(name, services, post_script(workdir), upstream.port, duration, quick)
         out["ratio"] = out["routed_rps"] / out["plain_rps"]
     finally:
-        for o in origins:
-            o.stop()
+        upstream.stop()
+    return out
+
+
+# --- 1b. client keys on vs off -----------------------------------------------------------
+
+
+def keys_scenario(name: str, workdir: Path, pypy: str, duration: float, quick: bool) -> Dict[str, Any]:
+    """The routed gateway with [auth] mode = "keys" (a key with rpm, tpm and max_parallel
+    high enough never to refuse, usage read from every answer) against the same gateway
+    without: the ratio is what admission, limits and usage accounting cost."""
+    from pyproxy.gateway.keys import key_entry_toml, key_hash
+    from pyproxy.gateway.limits import Limits
+
+    key = "pp-bench-" + "k" * 40
+    keys_file = workdir / "keys.toml"
+    keys_file.write_text(key_entry_toml("bench", key_hash(key), None, (), Limits(10**9, 10**12, 10**6)))
+    upstream = origin(pypy, 0)
+    try:
+        ports = [upstream.port] * 3
+        services = {
+            "off": pyproxy(name, pypy, free_port(), "--config", str(gateway_config(workdir, ports, None, True))),
+            "keys": pyproxy(name, pypy, free_port(), "--config", str(gateway_config(workdir, ports, keys_file, True))),
+        }
+        out = interleaved(name, services, post_script(workdir, key), upstream.port, duration, quick)
+        out["ratio"] = out["keys_rps"] / out["off_rps"]
+        # What admission adds per request, from the CPU each spent per request.
+        out["added_us"] = (out["keys_cpu"] / out["keys_rps"] - out["off_cpu"] / out["off_rps"]) * 1e6
+    finally:
+        upstream.stop()
     return out
 
 
@@ -291,13 +334,14 @@ def kill_scenario(name: str, workdir: Path, pypy: str, duration: float, quick: b
     return out
 
 
-SCENARIOS = ("routed", "slow", "kill")
+SCENARIOS = ("routed", "keys", "slow", "kill")
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     for tool in ("nginx", "wrk", "taskset"):
         if shutil.which(tool) is None:
             raise SystemExit(f"benchmarks: {tool} is not installed")
+    os.environ.setdefault("PYPROXY_BENCH_UPSTREAM_KEY", "sk-bench-upstream")  # the services inherit it
     workdir = Path(tempfile.mkdtemp(prefix="pyproxy-gw-bench-"))
     workdir.chmod(0o755)
     for sub in ("body", "proxy", "fcgi", "uwsgi", "scgi"):
@@ -308,10 +352,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         for name in args.targets:
             row: Dict[str, Any] = {}
             for scenario in args.scenarios:
-                if scenario == "routed" and name == "nginx":
+                if scenario in ("routed", "keys") and name == "nginx":
                     continue
                 print(f"== {name} {scenario}", file=sys.stderr, flush=True)
-                func = {"routed": routed_scenario, "slow": slow_scenario, "kill": kill_scenario}[scenario]
+                func = {"routed": routed_scenario, "keys": keys_scenario, "slow": slow_scenario, "kill": kill_scenario}[
+                    scenario
+                ]
                 row[scenario] = func(name, workdir, args.pypy, duration, args.quick)
                 print(json.dumps(row[scenario]), file=sys.stderr, flush=True)
             results["targets"][name] = row
@@ -333,6 +379,14 @@ def render(results: Dict[str, Any]) -> str:
         r = row.get("routed")
         if r:
             lines.append(f"| {name} | {r['plain_rps']:.0f} | {r['routed_rps']:.0f} | {r['ratio']:.2f}× |")
+    lines += ["", "| client keys on vs off (rpm + tpm + max_parallel + usage, POST chat, 64 conns) | off req/s | keys req/s | ratio | added CPU µs/request |",
+              "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for name, row in targets.items():
+        r = row.get("keys")
+        if r:
+            lines.append(
+                f"| {name} | {r['off_rps']:.0f} | {r['keys_rps']:.0f} | {r['ratio']:.2f}× | {r['added_us']:.1f} |"
+            )
     lines += ["", f"| one origin 10× slower ({FAST_MS} ms / {10 * FAST_MS} ms, {SLOW_CONNECTIONS} conns) | mean ms | p99 ms | share to the slow one | req/s |",
               "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for name, row in targets.items():

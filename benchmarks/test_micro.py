@@ -295,3 +295,61 @@ def test_range_decision(benchmark: Any) -> None:
         return content_range(wanted[0], wanted[1], 1 << 20)
 
     assert benchmark(decide) == b"bytes 1024-2047/1048576"
+
+
+# --- client keys: what [auth] mode = "keys" adds to a request ----------------------------
+
+
+def _admission() -> Any:
+    from pyproxy.gateway.admission import Admission
+    from pyproxy.gateway.config import AuthConfig
+    from pyproxy.gateway.keys import key_hash, parse_keys
+
+    key = "pp-" + "k" * 43
+    table = parse_keys(
+        {"keys": [{"name": "alice", "hash": key_hash(key), "rpm": 10**9, "tpm": 10**12, "max_parallel": 10**6}]},
+        "keys.toml",
+    )
+    admission = Admission(AuthConfig("keys", "/nonexistent/keys.toml", table), asyncio.new_event_loop())
+    return admission, [(b"authorization", b"Bearer " + key.encode())]
+
+
+def test_client_key_admission_json(benchmark: Any) -> None:
+    """One chat request under a key with rpm, tpm and max_parallel: authenticate,
+    admit (reserve), meter a JSON answer's usage, release and reconcile."""
+    admission, headers = _admission()
+    body_value = {"model": "m", "max_tokens": 16}
+    answer = b'{"id":"c","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":9,"completion_tokens":3}}'
+    head = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]
+
+    def one() -> Any:
+        key = admission.authenticate(headers)
+        admitted = admission.admit(key, "m", "m", 120, body_value)
+        meter = admitted.on_head(200, list(head))
+        meter.feed(answer)
+        return admission.done(admitted, 200, b"", b"")
+
+    fields = benchmark(one)
+    assert fields["usage"] == "reported" and fields["output_tokens"] == 3
+    admission.loop.close()
+
+
+def test_client_key_admission_sse(benchmark: Any) -> None:
+    """The same for a 20-event stream whose last event carries usage."""
+    admission, headers = _admission()
+    body_value = {"model": "m", "stream": True, "max_tokens": 16}
+    events = [b'data: {"choices":[{"delta":{"content":"tok"}}]}\n\n'] * 19
+    events.append(b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":19}}\n\ndata: [DONE]\n\n')
+    head = [(b"content-type", b"text/event-stream")]
+
+    def one() -> Any:
+        key = admission.authenticate(headers)
+        admitted = admission.admit(key, "m", "m", 120, body_value)
+        meter = admitted.on_head(200, list(head))
+        for event in events:
+            meter.feed(event)
+        return admission.done(admitted, 200, b"", b"")
+
+    fields = benchmark(one)
+    assert fields["usage"] == "reported" and fields["output_tokens"] == 19
+    admission.loop.close()
