@@ -37,6 +37,7 @@ Header = Tuple[bytes, bytes]
 # How often each process looks at the keys file's mtime: a removed or disabled key
 # stops working within this (the issue asks for 5 s; a stat a second costs nothing).
 RELOAD_CHECK_SECONDS = 1.0
+MAX_SCOPE_MEMO = 4096  # (key, model) pairs whose buckets admission keeps at hand
 OTHER = "other"
 # Answers that cost the upstream no generation: they spend no tokens of a key.
 FROM_CACHE = frozenset({b"HIT", b"STALE", b"REVALIDATED"})  # the metrics label of a model that is not configured
@@ -161,6 +162,9 @@ class Admission:
         self.reload_errors = 0
         self._file_id = self._stat()
         self._timer: Optional["asyncio.TimerHandle"] = None
+        # (key name, public model) -> (its buckets, any counts tokens): admission's
+        # lookups done once (names are unique in a table; a reload clears it).
+        self._scopes: Dict[Tuple[str, Optional[str]], Tuple[List[gcra.Bucket], bool]] = {}
 
     # --- the keys file ---------------------------------------------------------------------
 
@@ -195,6 +199,7 @@ class Admission:
             log.error("keys file not reloaded (%s), the previous keys stay in force: %s", why, exc)
             return False
         self.table = table
+        self._scopes.clear()  # new limits, and buckets pruned below
         self.reloads += 1
         live = [f"k:{name}" for name in table.names] + [f"t:{name}" for name in table.tenants]
         live += [
@@ -225,21 +230,15 @@ class Admission:
     def admit(self, key: ClientKey, model: Optional[str], label: str, body_bytes: int, value: Any) -> Admitted:
         if model is not None and not key.allows(model):
             raise Forbidden(f"the API key {key.name!r} may not use the model {model!r}", code="model_not_allowed")
-        buckets: List[gcra.Bucket] = []
-        limiter = self.limiter
-        if key.limits.any:
-            buckets.append(limiter.bucket(f"k:{key.name}", key.limits))
-        tenant_limits = self.table.tenants.get(key.tenant)
-        if tenant_limits is not None and tenant_limits.any:
-            buckets.append(limiter.bucket(f"t:{key.tenant}", tenant_limits))
-        on_model = key.limits_on(model)
-        if on_model is not None and on_model[1].any:
-            buckets.append(limiter.bucket(f"m:{key.name}:{on_model[0]}", on_model[1]))
+        scopes = self._scopes.get((key.name, model))
+        if scopes is None:
+            scopes = self._scopes_of(key, model)
+        buckets, counts_tokens = scopes
         if not buckets:
             return Admitted(key, model, label, None, [])
         now = self.clock()
         cost = 0
-        if any(b.limits.tpm is not None for b in buckets):
+        if counts_tokens:
             cost = gcra.estimate_tokens(body_bytes, value, self.auth.tpm_reserve_max)
         decision = gcra.admit(buckets, cost, now)
         if type(decision) is gcra.Refusal:
@@ -291,6 +290,27 @@ class Admission:
             "output_tokens": used_out if reported else None,
             "usage": "cached" if free else ("reported" if reported else "estimated"),
         }
+
+    def _scopes_of(self, key: ClientKey, model: Optional[str]) -> Tuple[List[gcra.Bucket], bool]:
+        """The buckets a request of ``key`` on ``model`` is admitted by, and whether any
+        counts tokens; kept per (key, model) until the keys file is reloaded."""
+        buckets: List[gcra.Bucket] = []
+        limiter = self.limiter
+        if key.limits.any:
+            buckets.append(limiter.bucket(f"k:{key.name}", key.limits))
+        tenant_limits = self.table.tenants.get(key.tenant)
+        if tenant_limits is not None and tenant_limits.any:
+            buckets.append(limiter.bucket(f"t:{key.tenant}", tenant_limits))
+        on_model = key.limits_on(model)
+        if on_model is not None and on_model[1].any:
+            buckets.append(limiter.bucket(f"m:{key.name}:{on_model[0]}", on_model[1]))
+        scopes = (buckets, any(b.limits.tpm is not None for b in buckets))
+        # Bounded: the model is the client's string (a key allowed every model may send
+        # any); past the cap the memo starts over rather than grow.
+        if len(self._scopes) >= MAX_SCOPE_MEMO:
+            self._scopes.clear()
+        self._scopes[(key.name, model)] = scopes
+        return scopes
 
     def snapshot(self) -> Dict[str, Any]:
         """The metrics' and admin /usage's numbers (the supervisor sums its workers')."""

@@ -150,12 +150,18 @@ def remaining(bucket: Bucket, now: float) -> Tuple[Optional[int], Optional[int]]
     """(requests, tokens) the scope would admit now, None where uncapped."""
     limits = bucket.limits
     requests = tokens = None
-    if limits.rpm is not None:
-        ahead = max(bucket.tat_requests - now, 0.0)
-        requests = max(0, min(limits.rpm, int(math.floor((WINDOW - ahead) / _interval(limits.rpm) + 1e-9))))
-    if limits.tpm is not None:
-        ahead = max(bucket.tat_tokens - now, 0.0)
-        tokens = max(0, min(limits.tpm, int(math.floor((WINDOW - ahead) / _interval(limits.tpm) + 1e-9))))
+    # (WINDOW - ahead) / interval, floored: int() truncates, which floors what is
+    # positive, and what is not ends at 0 either way.
+    rpm = limits.rpm
+    if rpm is not None:
+        ahead = bucket.tat_requests - now
+        left = (WINDOW - ahead) * rpm / WINDOW if ahead > 0 else rpm
+        requests = max(0, min(rpm, int(left + 1e-9)))
+    tpm = limits.tpm
+    if tpm is not None:
+        ahead = bucket.tat_tokens - now
+        left = (WINDOW - ahead) * tpm / WINDOW if ahead > 0 else tpm
+        tokens = max(0, min(tpm, int(left + 1e-9)))
     return requests, tokens
 
 

@@ -330,3 +330,41 @@ def test_a_large_body_keeps_only_its_tail_and_still_finds_usage() -> None:
     assert sum(len(p) for p in meter._parts) <= MAX_JSON_BODY + 64 * 1024 + 16384
     meter.finish()
     assert (meter.input, meter.output) == (640, None)
+
+
+def test_admission_takes_new_limits_on_reload_and_its_scope_memo_stays_bounded(tmp_path) -> None:
+    """Admission keeps each (key, model)'s buckets at hand: a reload must drop them
+    (the new caps apply at once), and clients inventing model names must not grow it."""
+    import asyncio
+
+    from pyproxy.errors import RateLimited
+    from pyproxy.gateway import admission as admission_module
+    from pyproxy.gateway.admission import Admission
+    from pyproxy.gateway.config import AuthConfig
+    from pyproxy.gateway.keys import load_keys
+
+    key = "pp-" + "r" * 43
+    path = tmp_path / "keys.toml"
+
+    def write(rpm: int) -> None:
+        path.write_text(f'[[keys]]\nname = "alice"\nhash = "{key_hash(key)}"\nrpm = {rpm}\n')
+
+    write(1)
+    loop = asyncio.new_event_loop()
+    try:
+        now = [100.0]
+        admission = Admission(AuthConfig("keys", str(path), load_keys(str(path))), loop, clock=lambda: now[0])
+        client_key = admission.authenticate([(b"authorization", b"Bearer " + key.encode())])
+        admission.admit(client_key, "m", "m", 10, None)
+        with pytest.raises(RateLimited):
+            admission.admit(client_key, "m", "m", 10, None)
+        write(600)  # ten a second: the next request is 0.1 s after the last one's slot
+        assert admission.reload("test")
+        client_key = admission.authenticate([(b"authorization", b"Bearer " + key.encode())])
+        now[0] += 0.1
+        admission.admit(client_key, "m", "m", 10, None)
+        for i in range(admission_module.MAX_SCOPE_MEMO + 100):
+            admission._scopes_of(client_key, f"model-{i}")
+        assert len(admission._scopes) <= admission_module.MAX_SCOPE_MEMO
+    finally:
+        loop.close()
