@@ -134,6 +134,8 @@ class UsageMeter:
         elif self.kind == _JSON and self._parts:
             body = b"".join(self._parts)
             self._parts = []
+            if b'"usage"' not in body:  # /v1/models and the like: no full parse for nothing
+                return
             if self._overflow:
                 self._read_tail(body)
             else:
