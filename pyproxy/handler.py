@@ -39,6 +39,7 @@ from pyproxy.errors import (
 from pyproxy.gateway.early_head import early_head_after
 from pyproxy.gateway.models import BY_MODEL, MODEL_LIST, NO_ROUTE, RouteNotFound, Target
 from pyproxy.gateway.relay import Gateway, RoutedRequest, Run
+from pyproxy.gateway.stream_usage import wants_injection
 from pyproxy.http.fastpath import serialize_request_head
 from pyproxy.http.headers import (
     RequestFraming,
@@ -878,6 +879,8 @@ class Handler:
             routed.whole = whole
             if gateway.batcher is not None:
                 routed.parsed = value
+            if gateway.injecting is not None:
+                self._inject_usage(client, request, routed, value)
             after = early_head_after(target, value)
             if after is not None:  # a stream its upstream may be slow to start
                 gateway.dispatch(self, gateway.early_head(client, after), routed, body, chunks)
@@ -891,11 +894,21 @@ class Handler:
         routed.whole = whole
         if gateway.batcher is not None:
             routed.parsed = value
+        if gateway.injecting is not None:
+            self._inject_usage(client, request, routed, value)
         req.parsed = parsed
         if plan.needs_body and whole is None and not body.complete:
             client.task = client.loop.create_task(self._keyed_collect(req))
             return
         self._keyed(req)
+
+    def _inject_usage(self, client: ClientConnection, request: RequestHead, routed: RoutedRequest, value: Any) -> None:
+        """stream_usage = "inject": a stream that would not report its usage asks for it
+        from the upstreams so configured (see gateway/stream_usage.py)."""
+        if routed.whole is not None and wants_injection(request.target, value):
+            routed.inject_usage = self.gateway.injecting  # type: ignore[union-attr]
+            routed.usage_client = client
+            routed.parsed = value
 
     def _admit(self, client: ClientConnection, target: Target, body: RequestBody, value: Any) -> bool:
         """[auth] mode = "keys": the limits of the key (403, 429 answered here). The

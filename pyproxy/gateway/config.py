@@ -18,7 +18,8 @@ from pyproxy.rules import Rule
 
 NAME_RE = re.compile(r"^[a-z0-9_-]+$")
 AUTH_HEADERS = ("authorization", "x-api-key", "api-key")
-UPSTREAM_KEYS = frozenset({"name", "url", "api_key", "auth_header", "max_connections", "health_path"})
+UPSTREAM_KEYS = frozenset({"name", "url", "api_key", "auth_header", "max_connections", "health_path", "stream_usage"})
+STREAM_USAGE_MODES = ("off", "inject")
 MODEL_KEYS = frozenset({"name", "deployments", "retry_on", "max_attempts", "retry_deadline", "early_head_after"})
 DEPLOYMENT_KEYS = frozenset({"upstream", "weight", "priority", "model"})
 # Failures retried only when a model opts in: the upstream may already be working
@@ -65,6 +66,9 @@ class UpstreamSpec:
     auth_header: str = "authorization"
     max_connections: Optional[int] = None  # None: --pool-connections
     health_path: Optional[bytes] = None  # None: a TCP check
+    # "inject": streamed chat requests are sent with stream_options.include_usage, and
+    # the usage chunk is taken out of the client's stream (see gateway/stream_usage.py).
+    stream_usage: str = "off"
 
     def credential_header(self) -> Optional[Tuple[bytes, bytes]]:
         """The header that carries the injected key, or None (pass-through)."""
@@ -215,7 +219,12 @@ def _parse_upstream(table: Any, where: str, environ: Mapping[str, str]) -> Upstr
         if not isinstance(health_path, str) or not health_path.startswith("/") or any(c in health_path for c in " #"):
             raise GatewayConfigError(f"{where}.health_path: expected a path like /v1/models, got {health_path!r}")
         health_path = health_path.encode("ascii")
-    return UpstreamSpec(name, url, parsed, api_key, auth_header.lower(), max_connections, health_path)
+    stream_usage = table.get("stream_usage", "off")
+    if stream_usage not in STREAM_USAGE_MODES:
+        raise GatewayConfigError(
+            f"{where}.stream_usage: expected one of {', '.join(STREAM_USAGE_MODES)}, got {stream_usage!r}"
+        )
+    return UpstreamSpec(name, url, parsed, api_key, auth_header.lower(), max_connections, health_path, stream_usage)
 
 
 def _parse_deployment(value: Any, where: str, upstreams: Dict[str, UpstreamSpec]) -> Deployment:
@@ -368,6 +377,15 @@ def parse_gateway(
     default = tables.get("default_upstream", specs[0].name)
     if default != NO_DEFAULT and default not in by_name:
         raise GatewayConfigError(f'default_upstream: no upstream named {default!r} (or "none")')
+    auth = parse_auth(tables["auth"], specs, base_dir) if "auth" in tables else None
+    for i, spec in enumerate(specs):
+        if spec.stream_usage == "inject" and (auth is None or not models):
+            # Usage is read for a key's accounting, of requests whose body was parsed to
+            # route by model: without both, injecting would change streams for nothing.
+            raise GatewayConfigError(
+                f'upstreams[{i}].stream_usage: "inject" is for usage accounting; '
+                'it needs [auth] mode = "keys" and [[models]]'
+            )
     return GatewayConfig(
         upstreams=tuple(specs),
         models=models,
@@ -377,5 +395,5 @@ def parse_gateway(
         default_upstream=None if default == NO_DEFAULT else default,
         upstream_names=tuple(by_name),
         batching=batching,
-        auth=parse_auth(tables["auth"], specs, base_dir) if "auth" in tables else None,
+        auth=auth,
     )

@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, FrozenSet, List, Optional, Tuple
 
 from pyproxy.errors import (
     ClientStalled,
@@ -34,8 +34,10 @@ from pyproxy.gateway.config import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_DEADLINE,
 from pyproxy.gateway.early_head import EarlyHeadSink
 from pyproxy.gateway.models import GatewayRoutes, Target, rewrite_model
 from pyproxy.gateway.state import UpstreamState
+from pyproxy.gateway.stream_usage import UsageChunkStrip, inject_include_usage
 from pyproxy.http.headers import client_response_headers
 from pyproxy.http.messages import IDEMPOTENT_METHODS, ResponseHead
+from pyproxy.http.sse import is_event_stream
 from pyproxy.sink import ClientGone
 from pyproxy.upstream.pool import ConnectionPool
 
@@ -83,6 +85,8 @@ class RoutedRequest:
         "content_length",
         "retry_until",
         "parsed",
+        "inject_usage",
+        "usage_client",
     )
 
     def __init__(
@@ -104,22 +108,42 @@ class RoutedRequest:
         self.whole = whole  # the whole body when it was read to route by model, else None
         self._bodies: Optional[Dict[str, bytes]] = None  # renamed bodies, by model name
         self.retry_until = 0.0  # the loop time after which no attempt starts (see dispatch)
-        self.parsed: Any = None  # the parsed body, kept only for the batcher
+        self.parsed: Any = None  # the parsed body, kept for the batcher and stream_usage
+        # stream_usage = "inject": the upstreams this stream would be sent to with
+        # stream_options.include_usage (None: it asked itself, or is no such stream),
+        # and the client connection whose usage meter reads the chunk taken out.
+        self.inject_usage: Optional[FrozenSet[str]] = None
+        self.usage_client: Any = None
+
+    @property
+    def rewrites(self) -> bool:
+        """Whether the body sent may differ from the client's (see body_for)."""
+        return self.route.renames or self.inject_usage is not None
+
+    def injects_for(self, deployment: Deployment) -> bool:
+        inject = self.inject_usage
+        return inject is not None and deployment.upstream in inject
 
     def body_for(self, deployment: Deployment) -> Optional[bytes]:
-        """The body for this deployment: the model renamed when it must be, else as sent."""
+        """The body for this deployment: the model renamed, stream_options added, when
+        they must be; else as sent."""
         whole = self.whole
-        if whole is None or not self.route.renames:
+        if whole is None:
             return whole
-        model = self.route.model_for(deployment)
-        if model is None:
+        model = self.route.model_for(deployment) if self.route.renames else None
+        inject = self.injects_for(deployment)
+        if model is None and not inject:
             return whole
         bodies = self._bodies
         if bodies is None:
             bodies = self._bodies = {}
-        body = bodies.get(model)
+        which = (model or "") + ("+usage" if inject else "")
+        body = bodies.get(which)
         if body is None:
-            body = bodies[model] = rewrite_model(whole, model)
+            body = rewrite_model(whole, model) if model is not None else whole
+            if inject:
+                body = inject_include_usage(body, self.parsed)
+            bodies[which] = body
         return body
 
     def head_for(self, upstream: "UpstreamHead", body: Optional[bytes]) -> Tuple[bytes, bool]:
@@ -213,7 +237,7 @@ def _exchange_class() -> Any:
     class GatewayExchange(Exchange):
         """An exchange that may discard a retryable response instead of relaying it."""
 
-        __slots__ = ("attempt", "run")
+        __slots__ = ("attempt", "run", "strip")
 
         def on_response(self, head: ResponseHead) -> None:
             attempt: Attempt = self.attempt
@@ -241,6 +265,8 @@ def _exchange_class() -> Any:
             client = self.client
             client.upstream_ttfb = ttfb
             headers = client_response_headers(head.headers)
+            if attempt.request.inject_usage is not None and attempt.request.injects_for(attempt.deployment):
+                self.strip = _usage_strip(attempt.request, status, headers)
             if gateway.upstream_headers:
                 number = attempt.number
                 if number == 1:
@@ -257,7 +283,21 @@ def _exchange_class() -> Any:
             if client._write_paused:
                 self.conn.pause_reading()
 
+        def on_body(self, data: bytes) -> None:
+            strip = self.strip
+            if strip is not None:
+                data = strip.feed(data)
+                if not data:
+                    return
+            self.client.send_data(data)
+
         def on_end(self) -> None:
+            strip = self.strip
+            if strip is not None:
+                self.strip = None
+                rest = strip.finish()
+                if rest:
+                    self.client.send_data(rest)
             super().on_end()
             if self.done is None:  # taskless_settled, written out (every request ends here)
                 attempt = self.attempt
@@ -285,6 +325,27 @@ def _exchange_class() -> Any:
                 self.attempt.gateway.taskless_settled(self)
 
     return GatewayExchange
+
+
+def _usage_strip(request: RoutedRequest, status: int, headers: List[Header]) -> Optional[UsageChunkStrip]:
+    """The filter that takes the injected usage out of a 2xx event stream (None when
+    the answer is something else: an error, JSON, an encoded body). ``headers`` lose a
+    Content-Length, which the stream no longer matches: it goes chunked instead."""
+    if not 200 <= status < 300 or not is_event_stream(headers):
+        return None
+    for name, value in headers:
+        if name == b"content-encoding" and value.lower() != b"identity":
+            return None
+    if headers and headers[-1][0] == b"content-length":
+        headers.pop()
+    client = request.usage_client
+
+    def to_meter(event: bytes) -> None:
+        meter = client.meter if client is not None else None
+        if meter is not None:
+            meter.feed(event)
+
+    return UsageChunkStrip(to_meter)
 
 
 class Gateway:
@@ -319,6 +380,10 @@ class Gateway:
         self.early_heads = 0
         # [[batching]]: the requests a rule covers go through the batcher.
         self.batcher = Batcher(self, config.batching, loop) if config.batching else None
+        # stream_usage = "inject": the upstreams streamed chat requests ask usage of.
+        self.injecting: Optional[FrozenSet[str]] = (
+            frozenset(spec.name for spec in config.upstreams if spec.stream_usage == "inject") or None
+        )
         # [auth] mode = "keys": client keys, limits and usage (None: the client's key passes).
         self.admission = Admission(config.auth, loop) if config.auth is not None else None
 
@@ -432,8 +497,9 @@ class Gateway:
         exchange = self._exchange(sink, conn, body, handler, None, run.sent, with_future=False)
         exchange.attempt = attempt
         exchange.run = run
+        exchange.strip = None
         sink.exchange = exchange
-        whole = request.body_for(deployment) if request.route.renames else request.whole
+        whole = request.body_for(deployment) if request.rewrites else request.whole
         head, chunked = request.head_for(self.heads[deployment.upstream], whole)
         try:
             conn.start_exchange(
@@ -542,6 +608,7 @@ class Gateway:
         exchange = self._exchange(sink, conn, body, handler, None, None, with_future=True)
         exchange.attempt = attempt
         exchange.run = run
+        exchange.strip = None
         sink.exchange = exchange
         try:
             if whole is not None:

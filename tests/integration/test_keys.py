@@ -462,3 +462,102 @@ async def test_the_admin_token_guards_everything_but_health_and_ready() -> None:
         assert resp.status == 200 and resp.json()["keys"] == {}
     finally:
         await server.stop()
+
+
+def openai_like_stream(
+    origin: Origin,
+    words: List[str],
+    usage: Dict[str, int],
+    spaced: bool = False,
+    gate: Optional[asyncio.Event] = None,
+) -> None:
+    """A chat route that streams as OpenAI does: include_usage adds "usage": null to
+    every chunk and a last chunk with the usage and no choices. Cacheable for a
+    minute; ``gate``: the answer waits for it."""
+    separators = (", ", ": ") if spaced else (",", ":")
+
+    @origin.route(CHAT)
+    async def chat_route(req: Received, reply: Reply) -> None:
+        body = json.loads(req.body)
+        asked = (body.get("stream_options") or {}).get("include_usage") is True
+        if gate is not None:
+            await gate.wait()
+        await reply.head(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"max-age=60")])
+        for word in words:
+            chunk: Dict[str, Any] = {"id": "c", "choices": [{"index": 0, "delta": {"content": word}}]}
+            if asked:
+                chunk["usage"] = None
+            await reply.data(b"data: " + json.dumps(chunk, separators=separators).encode() + b"\n\n")
+        if asked:
+            last = {"id": "c", "choices": [], "usage": usage}
+            await reply.data(b"data: " + json.dumps(last, separators=separators).encode() + b"\n\n")
+        await reply.data(b"data: [DONE]\n\n")
+        await reply.end()
+
+
+async def expected_stream(origin: Origin, body: bytes) -> bytes:
+    """What the origin itself sends for ``body`` (no pyproxy in between)."""
+    resp = await request(origin.port, b"POST", CHAT, JSON, body)
+    assert resp.status == 200
+    return resp.body
+
+
+@pytest.mark.parametrize("spaced", [False, True])
+async def test_stream_usage_inject_counts_usage_and_the_client_gets_the_bytes_it_asked_for(spaced: bool) -> None:
+    usage = {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+    async with Origin() as origin:
+        openai_like_stream(origin, ["a", "b", "c"], usage, spaced)
+        fx = Fixture(origin, keys_toml(alice="tpm = 100000", bob=""))
+        fx.toml = fx.toml.replace(
+            f'api_key = "{UPSTREAM_KEY}"\n', f'api_key = "{UPSTREAM_KEY}"\nstream_usage = "inject"\n'
+        )
+        async with running_gateway(fx.toml, dedup_enabled=False) as proxy:
+            plain = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+            want = await expected_stream(origin, plain)
+            resp = await chat(proxy.port, "alice", plain)
+            assert resp.status == 200 and resp.body == want  # byte for byte
+            sent = origin.requests[-1].body
+            assert json.loads(sent) == dict(json.loads(plain), stream_options={"include_usage": True})
+            assert sent.startswith(plain[:-1])  # only the member added
+            # A client that asks gets the usage chunk, and its body goes unchanged.
+            asking = b'{"model": "m", "stream": true, "stream_options": {"include_usage": true}}'
+            want_usage = await expected_stream(origin, asking)
+            resp = await chat(proxy.port, "bob", asking)
+            assert resp.status == 200 and resp.body == want_usage and b'"choices":' in resp.body
+            assert origin.requests[-1].body == asking
+            # Not a stream: nothing added.
+            usage_json = b'{"model": "m"}'
+            await chat(proxy.port, "bob", usage_json)
+            assert origin.requests[-1].body == usage_json
+            snap = proxy.gateway.admission.snapshot()  # type: ignore[union-attr]
+            assert snap["per_key"]["alice"] == {"requests": 1, "input_tokens": 12, "output_tokens": 3, "estimated": 0}
+            assert snap["per_key"]["bob"]["input_tokens"] == 12 and snap["unknown"] == 1  # the JSON has none
+
+
+async def test_stream_usage_inject_through_coalescing_and_the_cache_stays_stripped() -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    gate = asyncio.Event()
+    async with Origin() as origin:
+        openai_like_stream(origin, ["x", "y"], usage, gate=gate)
+        fx = Fixture(
+            origin,
+            keys_toml(alice=""),
+            '[[cache.rules]]\nmethods = ["POST"]\npath = "/v1/chat/completions"\nttl = 60\nstream = true\n'
+            '[[dedup.rules]]\nmethods = ["POST"]\npath = "/v1/chat/completions"\n',
+        )
+        fx.toml = fx.toml.replace(
+            f'api_key = "{UPSTREAM_KEY}"\n', f'api_key = "{UPSTREAM_KEY}"\nstream_usage = "inject"\n'
+        )
+        async with running_gateway(fx.toml) as proxy:
+            body = b'{"model": "m", "stream": true, "temperature": 0}'
+            both = asyncio.gather(chat(proxy.port, "alice", body), chat(proxy.port, "alice", body))
+            await wait_until(lambda: len(origin.requests) >= 1)
+            gate.set()
+            first, follower = await both
+            again = await chat(proxy.port, "alice", body)
+            assert len(origin.requests) == 1  # one leader, one follower, one hit
+            assert again.header(b"x-cache") == b"HIT"
+            want = await expected_stream(origin, body)
+            assert first.body == want and follower.body == want and again.body == want
+            snap = proxy.gateway.admission.snapshot()  # type: ignore[union-attr]
+            assert snap["per_key"]["alice"] == {"requests": 1, "input_tokens": 5, "output_tokens": 2, "estimated": 0}

@@ -275,3 +275,59 @@ async def test_openai_client_through_client_keys() -> None:
             assert usage == {"requests": 2, "input_tokens": 8, "output_tokens": 4, "estimated": 0}
             assert all(r.header(b"authorization") == b"Bearer sk-upstream" for r in origin.requests)
             assert hashlib.sha256(alice.encode()).hexdigest() not in json.dumps(proxy.gateway.admission.snapshot())  # type: ignore[union-attr]
+
+
+async def test_openai_client_stream_with_usage_injected_sees_no_usage_chunk() -> None:
+    """stream_usage = "inject": the client streams without stream_options, pyproxy asks
+    the upstream for usage and counts it, and the client's chunks are those it would
+    get without pyproxy (no usage chunk, no usage field)."""
+    import os
+    import tempfile
+
+    from pyproxy.gateway.keys import key_hash, new_key
+
+    async with Origin() as origin:
+        asked: List[Any] = []
+
+        @origin.route(b"/v1/chat/completions")
+        async def chat(req: Received, reply: Reply) -> None:
+            body = json.loads(req.body)
+            asked.append(body.get("stream_options"))
+            include = (body.get("stream_options") or {}).get("include_usage") is True
+            await reply.head(200, [(b"content-type", b"text/event-stream")])
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-test"}
+            for word in WORDS:
+                delta = dict(chunk, choices=[{"index": 0, "delta": {"content": word}, "finish_reason": None}])
+                if include:
+                    delta["usage"] = None
+                await reply.data(b"data: " + json.dumps(delta).encode() + b"\n\n")
+            if include:
+                usage = {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}
+                await reply.data(b"data: " + json.dumps(dict(chunk, choices=[], usage=usage)).encode() + b"\n\n")
+            await reply.data(b"data: [DONE]\n\n")
+            await reply.end()
+
+        alice = new_key()
+        keys_file = os.path.join(tempfile.mkdtemp(prefix="pyproxy-keys-"), "keys.toml")
+        with open(keys_file, "w") as fh:
+            fh.write(f'[[keys]]\nname = "alice"\nhash = "{key_hash(alice)}"\n')
+        toml = (
+            f'[[upstreams]]\nname = "up"\nurl = "{origin.url}"\napi_key = "sk-upstream"\nstream_usage = "inject"\n'
+            '[[models]]\nname = "gpt-test"\ndeployments = [{ upstream = "up" }]\n'
+            f'[auth]\nmode = "keys"\nkeys_file = "{keys_file}"\n'
+        )
+        async with running_gateway(toml) as proxy:
+            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{proxy.port}/v1", api_key=alice, max_retries=0)
+            try:
+                stream = await client.chat.completions.create(
+                    model="gpt-test", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                chunks = [chunk async for chunk in stream]
+            finally:
+                await client.close()
+            assert [c.choices[0].delta.content for c in chunks] == WORDS  # every chunk has its choice
+            assert all(c.usage is None and "usage" not in (c.model_extra or {}) for c in chunks)
+            assert all("usage" not in c.model_dump(exclude_unset=True) for c in chunks)
+            assert asked == [{"include_usage": True}]
+            usage = proxy.gateway.admission.snapshot()["per_key"]["alice"]  # type: ignore[union-attr]
+            assert usage == {"requests": 1, "input_tokens": 4, "output_tokens": 4, "estimated": 0}

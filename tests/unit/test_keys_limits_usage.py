@@ -147,6 +147,15 @@ def test_keys_mode_needs_an_upstream_key_everywhere_and_a_loadable_file() -> Non
             gateway_settings(up_key + '[auth]\nmode = "on"\n')
         with pytest.raises(ConfigError, match="needs \\[\\[upstreams\\]\\]"):
             gateway_settings(f'upstream = "http://127.0.0.1:9"\n[auth]\nmode = "keys"\nkeys_file = "{d}/keys.toml"\n')
+        auth = f'[auth]\nmode = "keys"\nkeys_file = "{d}/keys.toml"\n'
+        models = '[[models]]\nname = "m"\ndeployments = [{ upstream = "u" }]\n'
+        inject = up_key + 'stream_usage = "inject"\n'
+        assert gateway_settings(inject + models + auth).gateway.upstreams[0].stream_usage == "inject"  # type: ignore[union-attr]
+        with pytest.raises(ConfigError, match="upstreams\\[0\\].stream_usage: expected one of off, inject"):
+            gateway_settings(up_key + 'stream_usage = "yes"\n' + models + auth)
+        for without in (inject + models, inject + auth):  # no keys, no model routing: nothing to count
+            with pytest.raises(ConfigError, match='"inject" is for usage accounting'):
+                gateway_settings(without)
 
 
 # --- limits --------------------------------------------------------------------------------
