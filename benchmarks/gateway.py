@@ -76,14 +76,20 @@ def origin_stats(port: int) -> Dict[str, int]:
 
 
 def gateway_config(
-    workdir: Path, ports: List[int], keys_file: Optional[Path] = None, upstream_key: bool = False
+    workdir: Path,
+    ports: List[int],
+    keys_file: Optional[Path] = None,
+    upstream_key: bool = False,
+    limits_backend: Optional[str] = None,
 ) -> Path:
     """Upstreams balanced for one model; with ``keys_file``, [auth] mode = "keys" (which
     needs ``upstream_key``: the keys scenario sets it on both variants, so what differs
-    is admission alone)."""
+    is admission alone), its limits in ``limits_backend`` when given."""
     lines = []
     if keys_file is not None:
         lines.append(f'[auth]\nmode = "keys"\nkeys_file = "{keys_file}"\n')
+        if limits_backend is not None:
+            lines.append(f'limits_backend = "{limits_backend}"\n')
     for i, port in enumerate(ports):
         key = '\napi_key = "env:PYPROXY_BENCH_UPSTREAM_KEY"' if upstream_key else ""
         lines.append(f'[[upstreams]]\nname = "o{i}"\nurl = "http://127.0.0.1:{port}"{key}\n')
@@ -91,7 +97,8 @@ def gateway_config(
     lines.append(f'[[models]]\nname = "gpt-bench"\ndeployments = [{deployments}]\n')
     # GETs carry no model: a path route balances them over the same three.
     lines.append(f'[[routes]]\nmethods = ["GET"]\npath = "/v1/chat/completions"\ndeployments = [{deployments}]\n')
-    path = workdir / f"gateway-{'-'.join(map(str, ports))}{'-keys' if keys_file else ''}.toml"
+    suffix = ("-keys" if keys_file else "") + ("-redis" if limits_backend else "")
+    path = workdir / f"gateway-{'-'.join(map(str, ports))}{suffix}.toml"
     path.write_text("\n".join(lines))
     return path
 
@@ -214,18 +221,40 @@ def keys_scenario(name: str, workdir: Path, pypy: str, duration: float, quick: b
     keys_file = workdir / "keys.toml"
     keys_file.write_text(key_entry_toml("bench", key_hash(key), None, (), Limits(10**9, 10**12, 10**6)))
     upstream = origin(pypy, 0)
+    redis: Optional[Service] = None
     try:
         ports = [upstream.port] * 3
         services = {
             "off": pyproxy(name, pypy, free_port(), "--config", str(gateway_config(workdir, ports, None, True))),
             "keys": pyproxy(name, pypy, free_port(), "--config", str(gateway_config(workdir, ports, keys_file, True))),
         }
+        if shutil.which("redis-server") is not None:
+            # The same keys with limits_backend = Redis, on the load core (as a Redis on
+            # another machine would be: its CPU is not the proxy's).
+            redis_port = free_port()
+            redis = Service(
+                "redis",
+                ["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+                redis_port,
+                LOAD_CORE,
+            )
+            config = gateway_config(workdir, ports, keys_file, True, f"redis://127.0.0.1:{redis_port}/0")
+            services["redis"] = pyproxy(name, pypy, free_port(), "--config", str(config))
+        redis_cpu = cpu_seconds(redis.proc.pid) if redis is not None else 0.0
         out = interleaved(name, services, post_script(workdir, key), upstream.port, duration, quick)
         out["ratio"] = out["keys_rps"] / out["off_rps"]
         # What admission adds per request, from the CPU each spent per request.
         out["added_us"] = (out["keys_cpu"] / out["keys_rps"] - out["off_cpu"] / out["off_rps"]) * 1e6
+        if redis is not None:
+            out["redis_ratio"] = out["redis_rps"] / out["off_rps"]
+            out["redis_added_us"] = (out["redis_cpu"] / out["redis_rps"] - out["off_cpu"] / out["off_rps"]) * 1e6
+            # Redis's own CPU per request (two scripts: admission and end), warm-up included.
+            served = sum(out["redis_runs"]) * duration
+            out["redis_server_us"] = (cpu_seconds(redis.proc.pid) - redis_cpu) / served * 1e6
     finally:
         upstream.stop()
+        if redis is not None:
+            redis.stop()
     return out
 
 
@@ -387,6 +416,16 @@ def render(results: Dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {r['off_rps']:.0f} | {r['keys_rps']:.0f} | {r['ratio']:.2f}× | {r['added_us']:.1f} |"
             )
+    if any("redis_rps" in (row.get("keys") or {}) for row in targets.values()):
+        lines += ["", "| the same with limits_backend = Redis (loopback) | off req/s | keys + Redis req/s | ratio | added CPU µs/request | Redis CPU µs/request |",
+                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for name, row in targets.items():
+            r = row.get("keys") or {}
+            if "redis_rps" in r:
+                lines.append(
+                    f"| {name} | {r['off_rps']:.0f} | {r['redis_rps']:.0f} | {r['redis_ratio']:.2f}× "
+                    f"| {r['redis_added_us']:.1f} | {r['redis_server_us']:.1f} |"
+                )
     lines += ["", f"| one origin 10× slower ({FAST_MS} ms / {10 * FAST_MS} ms, {SLOW_CONNECTIONS} conns) | mean ms | p99 ms | share to the slow one | req/s |",
               "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for name, row in targets.items():

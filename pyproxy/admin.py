@@ -44,6 +44,10 @@ class AdminSource:
     async def upstreams(self) -> Dict[str, Any]:  # pragma: no cover
         raise NotImplementedError
 
+    def auth_config(self) -> Any:
+        """The [auth] config (pyproxy.gateway.config.AuthConfig), or None."""
+        return None
+
 
 # Answered without the admin token: what load balancers and orchestrators probe.
 OPEN_PATHS = frozenset({"/health", "/ready"})
@@ -55,6 +59,7 @@ class AdminServer:
         self.token = token  # --admin-token: required for everything but OPEN_PATHS
         self._server: Optional[asyncio.AbstractServer] = None
         self._tasks: "set[asyncio.Task[None]]" = set()
+        self._redis: Any = None  # a RespClient for /usage with the Redis limits backend
 
     async def start(self, host: str, port: int, sock: Any = None) -> None:
         if sock is not None:
@@ -68,6 +73,9 @@ class AdminServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
         if self._server is not None:
             self._server.close()
             for task in list(self._tasks):
@@ -173,19 +181,34 @@ class AdminServer:
         return False
 
     async def _usage(self, query: str, body: bytes) -> Tuple[int, list, bytes]:
-        """Client keys' usage since start, per key and per tenant (summed over workers)."""
+        """Client keys' usage, per key and per tenant: since start, summed over workers;
+        with the Redis limits backend, every instance's totals from Redis."""
         usage = (await self.source.fresh_snapshot()).get("usage")
         if usage is None:
             return _json(404, {"error": 'usage is counted with client keys ([auth] mode = "keys")'})
-        return _json(
-            200,
-            {
-                "keys": usage["per_key"],
-                "tenants": usage["per_tenant"],
-                "in_flight": usage.get("in_flight", {}),
-                "usage_unknown": usage["unknown"],
-            },
-        )
+        answer = {
+            "keys": usage["per_key"],
+            "tenants": usage["per_tenant"],
+            "in_flight": usage.get("in_flight", {}),
+            "usage_unknown": usage["unknown"],
+            "source": "this instance",
+        }
+        auth = self.source.auth_config()
+        if auth is not None and auth.limits_backend != "memory":
+            from pyproxy.gateway.shared_limits import read_usage
+            from pyproxy.resp import RespClient
+
+            if self._redis is None:
+                self._redis = RespClient(auth.limits_backend, max(1.0, auth.limits_redis_timeout), self._loop())
+            try:
+                answer.update(await read_usage(self._redis), source="redis")
+            except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+                answer["source"] = f"this instance (redis unavailable: {type(exc).__name__})"
+        return _json(200, answer)
+
+    @staticmethod
+    def _loop() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
 
     async def _upstreams(self, query: str, body: bytes) -> Tuple[int, list, bytes]:
         return _json(200, await self.source.upstreams())

@@ -18,7 +18,7 @@ import itertools
 import logging
 import os
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 
 from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, CachedResponse
 from pyproxy.cache.key import parse_json_body
@@ -36,6 +36,7 @@ from pyproxy.errors import (
     UpstreamDisconnected,
     UpstreamError,
 )
+from pyproxy.gateway.admission import Admitted
 from pyproxy.gateway.early_head import early_head_after
 from pyproxy.gateway.models import BY_MODEL, MODEL_LIST, NO_ROUTE, RouteNotFound, Target
 from pyproxy.gateway.relay import Gateway, RoutedRequest, Run
@@ -846,8 +847,10 @@ class Handler:
             client.send_error(exc)
             return
         if whole is None and plan is None:
-            if gateway.admission is not None and not self._admit(client, target, body, None):  # type: ignore[arg-type]
-                return
+            if gateway.admission is not None:
+                admitted = self._admit(client, target, body, None)  # type: ignore[arg-type]
+                if admitted is not True and (admitted is False or not await admitted):  # type: ignore[misc]
+                    return
             # Streamed through: a body already complete goes out with the head.
             chunks = body.take_buffered() if body.complete else []
             routed = self.routed_request(client, request, framing, self.assign_request_id(client, request), target)
@@ -872,8 +875,42 @@ class Handler:
         head); kept for the batcher and the early head only."""
         gateway = self.gateway
         assert gateway is not None
-        if gateway.admission is not None and not self._admit(client, target, body, value):
+        if gateway.admission is not None:
+            admitted = self._admit(client, target, body, value)
+            if admitted is False:
+                return
+            if admitted is not True:  # Redis decides: go on once it has
+                client.task = client.loop.create_task(
+                    self._gateway_go_admitted(
+                        admitted, client, request, framing, body, target, plan, chunks, whole, parsed, value
+                    )
+                )
+                return
+        self._gateway_send(client, request, framing, body, target, plan, chunks, whole, parsed, value)
+
+    async def _gateway_go_admitted(self, admitted: Awaitable[bool], *args: Any) -> None:
+        try:
+            if not await admitted:
+                return
+        except (asyncio.CancelledError, ClientGone):
             return
+        self._gateway_send(*args)
+
+    def _gateway_send(
+        self,
+        client: ClientConnection,
+        request: RequestHead,
+        framing: RequestFraming,
+        body: RequestBody,
+        target: Target,
+        plan: Optional[Plan],
+        chunks: List[bytes],
+        whole: Optional[bytes],
+        parsed: Any,
+        value: Any = None,
+    ) -> None:
+        gateway = self.gateway
+        assert gateway is not None
         if plan is None:
             routed = self.routed_request(client, request, framing, self.assign_request_id(client, request), target)
             routed.whole = whole
@@ -910,18 +947,38 @@ class Handler:
             routed.usage_client = client
             routed.parsed = value
 
-    def _admit(self, client: ClientConnection, target: Target, body: RequestBody, value: Any) -> bool:
+    def _admit(
+        self, client: ClientConnection, target: Target, body: RequestBody, value: Any
+    ) -> Union[bool, Awaitable[bool]]:
         """[auth] mode = "keys": the limits of the key (403, 429 answered here). The
-        admission is held by the client connection until the request ends."""
+        admission is held by the client connection until the request ends. With the
+        Redis backend, an awaitable of the answer."""
         model = target.public_model
         label = target.spec.name if model is not None and target.spec is not None else "other"
         try:
-            client.admitted = self.gateway.admission.admit(  # type: ignore[union-attr]
+            admitted = self.gateway.admission.admit(  # type: ignore[union-attr]
                 client.client_key, model, label, body.received, value
             )
         except ProxyError as exc:
             client.send_error(exc)
             return False
+        if type(admitted) is Admitted:
+            client.admitted = admitted
+            return True
+        return self._admitted_later(client, admitted)  # type: ignore[arg-type]
+
+    async def _admitted_later(self, client: ClientConnection, pending: Awaitable[Admitted]) -> bool:
+        try:
+            admitted = await pending
+        except ProxyError as exc:
+            client.send_error(exc)
+            return False
+        if client.closed:  # gone while Redis decided: the request ends here
+            client.admitted = admitted
+            self.gateway.admission.done(admitted, 499, b"", b"")  # type: ignore[union-attr]
+            client.admitted = None
+            return False
+        client.admitted = admitted
         return True
 
     async def _keyed_collect(self, req: "Keyed") -> None:

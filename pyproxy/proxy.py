@@ -280,6 +280,10 @@ class ProxyAdmin(AdminSource):
     async def upstreams(self) -> Dict[str, Any]:
         return upstreams_view(self.proxy)
 
+    def auth_config(self) -> Any:
+        gateway = self.proxy.settings.gateway
+        return gateway.auth if gateway is not None else None
+
     def ready(self) -> bool:
         return not self.proxy.draining
 

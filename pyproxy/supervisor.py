@@ -314,6 +314,10 @@ class SupervisorAdmin(AdminSource):
         }
         return merged
 
+    def auth_config(self) -> Any:
+        gateway = self.supervisor.settings.gateway
+        return gateway.auth if gateway is not None else None
+
     def health(self) -> Dict[str, Any]:
         sup = self.supervisor
         return {

@@ -17,13 +17,12 @@ from typing import Any, List, Optional, Sequence, Set, Union
 from pyproxy.cache.entry import CachedResponse
 from pyproxy.cache.key import VARIANT_SEPARATOR
 from pyproxy.cache.store import MAX_VARIANTS, NEED_AWAIT, CacheStats, key_target, purge_matches
+from pyproxy.circuit import Circuit
 
 log = logging.getLogger("pyproxy.cache")
 
 NAMESPACE = b"pyproxy:c:"
 MAX_PENDING_WRITES = 64
-BACKOFF_MIN = 0.5
-BACKOFF_MAX = 5.0
 _GLOB_SPECIAL = frozenset(b"*?[]\\")
 
 
@@ -94,8 +93,7 @@ class RedisStore:
             retry=Retry(NoBackoff(), 0),  # our own deadline and circuit decide, not retries
             max_connections=256,
         )
-        self._down_until = 0.0
-        self._backoff = BACKOFF_MIN
+        self.circuit = Circuit("redis", log, loop.time, "cache reads and writes skip redis")
         self._writes: Set["asyncio.Task[None]"] = set()
         self._put_script = self._client.register_script(_PUT_SCRIPT)
         self._invalidate_script = self._client.register_script(_INVALIDATE_SCRIPT)
@@ -104,24 +102,14 @@ class RedisStore:
 
     @property
     def available(self) -> bool:
-        return self._loop.time() >= self._down_until
+        return self.circuit.available
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.stats.errors += 1
-        if self.available:
-            log.warning(
-                "redis %s failed (%s); cache reads and writes skip redis for %.1f s",
-                what,
-                type(exc).__name__ if isinstance(exc, asyncio.TimeoutError) else exc,
-                self._backoff,
-            )
-            self._down_until = self._loop.time() + self._backoff
-            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+        self.circuit.failed(what, exc)
 
     def _succeeded(self) -> None:
-        if self._backoff != BACKOFF_MIN:
-            log.info("redis is answering again")
-        self._backoff = BACKOFF_MIN
+        self.circuit.succeeded()
 
     # --- the store interface ------------------------------------------------------------
 

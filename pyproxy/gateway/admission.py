@@ -17,11 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 
 from pyproxy.errors import Forbidden, RateLimited, Unauthorized
 from pyproxy.gateway import limits as gcra
-from pyproxy.gateway.keys import ClientKey, KeysError, KeyTable, load_keys, presented_key
+from pyproxy.gateway.keys import ClientKey, KeysError, KeyTable, Limits, load_keys, presented_key
+from pyproxy.gateway.shared_limits import SharedLimits, SharedRefusal, SharedTicket
 from pyproxy.gateway.usage import UsageMeter
 from pyproxy.metrics import Histogram
 
@@ -58,13 +59,13 @@ class Admitted:
         key: ClientKey,
         model: Optional[str],
         label: str,
-        ticket: Optional[gcra.Ticket],
+        ticket: "gcra.Ticket | SharedTicket | None",
         headers: List[Header],
     ) -> None:
         self.key = key
         self.model = model  # the public model name, or None (a route without one)
         self.label = label  # its metrics label: the configured name (or glob), else "other"
-        self.ticket = ticket  # None: the key has no limits
+        self.ticket = ticket  # None: the key has no limits; a SharedTicket: decided by Redis
         self.meter: Optional[UsageMeter] = None  # set when the response head is a 2xx JSON/event stream
         self.limit_headers = headers  # x-ratelimit-*, added to the response head
         self.started = time.perf_counter()
@@ -150,6 +151,7 @@ class Admission:
         auth: "AuthConfig",
         loop: "asyncio.AbstractEventLoop",
         clock: Callable[[], float] = time.monotonic,
+        processes: int = 1,
     ) -> None:
         self.auth = auth
         self.loop = loop
@@ -164,17 +166,30 @@ class Admission:
         self._timer: Optional["asyncio.TimerHandle"] = None
         # (key name, public model) -> (its buckets, any counts tokens): admission's
         # lookups done once (names are unique in a table; a reload clears it).
-        self._scopes: Dict[Tuple[str, Optional[str]], Tuple[List[gcra.Bucket], bool]] = {}
+        self._scopes: Dict[Tuple[str, Optional[str]], Scopes] = {}
+        # limits_backend = "redis://...": the counters every instance shares. While Redis
+        # cannot answer, this process enforces its share of each limit alone: the
+        # configured share of the instance, divided among its --workers processes.
+        self.shared: Optional[SharedLimits] = None
+        self.local_share = 1.0
+        if auth.limits_backend != "memory":
+            self.shared = SharedLimits(auth.limits_backend, auth.limits_redis_timeout, loop)
+            self.local_share = auth.limits_local_share / max(1, processes)
+        self._shares: Dict[Limits, Limits] = {}
 
     # --- the keys file ---------------------------------------------------------------------
 
     def start(self) -> None:
         self._timer = self.loop.call_later(RELOAD_CHECK_SECONDS, self._check_file)
+        if self.shared is not None:
+            self.shared.start()
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.shared is not None:
+            self.shared.close()
 
     def _stat(self) -> Optional[Tuple[int, int, int]]:
         try:
@@ -200,13 +215,15 @@ class Admission:
             return False
         self.table = table
         self._scopes.clear()  # new limits, and buckets pruned below
+        self._shares.clear()
         self.reloads += 1
         live = [f"k:{name}" for name in table.names] + [f"t:{name}" for name in table.tenants]
         live += [
             scope for scope in self.limiter.buckets if scope.startswith("m:") and scope.split(":")[1] in table.names
         ]
         self.limiter.prune(live)
-        log.info("keys file reloaded (%s): %d keys", why, len(table.by_digest))
+        # The pid: with --workers, every worker reloads and says so.
+        log.info("keys file reloaded (%s) in process %d: %d keys", why, os.getpid(), len(table.by_digest))
         return True
 
     # --- admission -------------------------------------------------------------------------
@@ -227,19 +244,54 @@ class Admission:
             raise Unauthorized(f"the API key {key.name!r} has expired", code="invalid_api_key")
         return key
 
-    def admit(self, key: ClientKey, model: Optional[str], label: str, body_bytes: int, value: Any) -> Admitted:
+    def admit(
+        self, key: ClientKey, model: Optional[str], label: str, body_bytes: int, value: Any
+    ) -> Union[Admitted, Awaitable[Admitted]]:
+        """The admission (raises 403/429), or -- with the Redis backend answering -- an
+        awaitable of it: the caller awaits Redis's decision."""
         if model is not None and not key.allows(model):
             raise Forbidden(f"the API key {key.name!r} may not use the model {model!r}", code="model_not_allowed")
         scopes = self._scopes.get((key.name, model))
         if scopes is None:
             scopes = self._scopes_of(key, model)
-        buckets, counts_tokens = scopes
+        buckets, counts_tokens, shared_scopes = scopes
         if not buckets:
             return Admitted(key, model, label, None, [])
-        now = self.clock()
         cost = 0
         if counts_tokens:
             cost = gcra.estimate_tokens(body_bytes, value, self.auth.tpm_reserve_max)
+        shared = self.shared
+        if shared is not None and shared.available:
+            return self._admit_shared(shared, key, model, label, buckets, shared_scopes, cost)
+        return self._admit_local(key, model, label, buckets, cost)
+
+    async def _admit_shared(
+        self,
+        shared: SharedLimits,
+        key: ClientKey,
+        model: Optional[str],
+        label: str,
+        buckets: List[gcra.Bucket],
+        shared_scopes: List[Tuple[str, Limits]],
+        cost: int,
+    ) -> Admitted:
+        decision = await shared.admit(shared_scopes, cost)
+        if decision is None:  # Redis failed just now: this process decides, at its share
+            return self._admit_local(key, model, label, buckets, cost)
+        if type(decision) is SharedRefusal:
+            self.stats.refused(key.name, decision.reason, "proxy")
+            raise RateLimited(
+                _refusal_message(key, decision),
+                decision.retry_after,
+                limit_headers(decision.bucket, 0.0),
+                tokens=decision.reason == gcra.TOKENS,
+            )
+        return Admitted(key, model, label, decision, limit_headers(decision.state, 0.0))  # type: ignore[union-attr]
+
+    def _admit_local(
+        self, key: ClientKey, model: Optional[str], label: str, buckets: List[gcra.Bucket], cost: int
+    ) -> Admitted:
+        now = self.clock()
         decision = gcra.admit(buckets, cost, now)
         if type(decision) is gcra.Refusal:
             self.stats.refused(key.name, decision.reason, "proxy")
@@ -253,8 +305,9 @@ class Admission:
         """The request ended: free its slot, settle its tokens, count its usage.
         Returns the access log's fields."""
         ticket = admitted.ticket
-        if ticket is not None:
-            gcra.release(ticket)
+        shared_ticket = type(ticket) is SharedTicket
+        if ticket is not None and not shared_ticket:
+            gcra.release(ticket)  # type: ignore[arg-type]
         meter = admitted.meter
         if meter is not None:
             meter.finish()
@@ -268,9 +321,22 @@ class Admission:
             used_out = meter.output or 0  # type: ignore[union-attr]
         if status == 429:  # the upstream's own (pyproxy's are answered before admission)
             self.stats.refused(key.name, "upstream", "upstream")
+        used = 0
         if ticket is not None and ticket.reserved:
             used = 0 if free else (used_in + used_out if reported else ticket.reserved)
-            gcra.reconcile(ticket, used, self.clock())
+            if not shared_ticket:
+                gcra.reconcile(ticket, used, self.clock())  # type: ignore[arg-type]
+        if self.shared is not None:  # the lease, the reconcile and the usage, in Redis
+            estimated = not free and not reported
+            self.shared.end(
+                ticket if shared_ticket else None,
+                used,
+                key.name,
+                key.tenant,
+                used_in,
+                used_out,
+                estimated,  # type: ignore[arg-type]
+            )
         if not free:
             if not reported and 200 <= status < 300:
                 self.stats.unknown += 1
@@ -291,20 +357,23 @@ class Admission:
             "usage": "cached" if free else ("reported" if reported else "estimated"),
         }
 
-    def _scopes_of(self, key: ClientKey, model: Optional[str]) -> Tuple[List[gcra.Bucket], bool]:
-        """The buckets a request of ``key`` on ``model`` is admitted by, and whether any
-        counts tokens; kept per (key, model) until the keys file is reloaded."""
-        buckets: List[gcra.Bucket] = []
-        limiter = self.limiter
+    def _scopes_of(self, key: ClientKey, model: Optional[str]) -> "Scopes":
+        """The buckets a request of ``key`` on ``model`` is admitted by, whether any
+        counts tokens, and the (scope, limits) Redis decides on with the shared
+        backend; kept per (key, model) until the keys file is reloaded."""
+        named: List[Tuple[str, Limits]] = []
         if key.limits.any:
-            buckets.append(limiter.bucket(f"k:{key.name}", key.limits))
+            named.append((f"k:{key.name}", key.limits))
         tenant_limits = self.table.tenants.get(key.tenant)
         if tenant_limits is not None and tenant_limits.any:
-            buckets.append(limiter.bucket(f"t:{key.tenant}", tenant_limits))
+            named.append((f"t:{key.tenant}", tenant_limits))
         on_model = key.limits_on(model)
         if on_model is not None and on_model[1].any:
-            buckets.append(limiter.bucket(f"m:{key.name}:{on_model[0]}", on_model[1]))
-        scopes = (buckets, any(b.limits.tpm is not None for b in buckets))
+            named.append((f"m:{key.name}:{on_model[0]}", on_model[1]))
+        # With the shared backend, this process's own buckets are the fallback, at its share.
+        local = self._share_of if self.shared is not None else _whole
+        buckets = [self.limiter.bucket(scope, local(limits)) for scope, limits in named]
+        scopes = (buckets, any(limits.tpm is not None for _, limits in named), named)
         # Bounded: the model is the client's string (a key allowed every model may send
         # any); past the cap the memo starts over rather than grow.
         if len(self._scopes) >= MAX_SCOPE_MEMO:
@@ -312,9 +381,28 @@ class Admission:
         self._scopes[(key.name, model)] = scopes
         return scopes
 
+    def _share_of(self, limits: Limits) -> Limits:
+        """``limits`` scaled to this process's share (each cap at least 1)."""
+        scaled = self._shares.get(limits)
+        if scaled is None:
+            share = self.local_share
+
+            def part(cap: Optional[int]) -> Optional[int]:
+                return None if cap is None else max(1, int(cap * share))
+
+            scaled = self._shares[limits] = Limits(part(limits.rpm), part(limits.tpm), part(limits.max_parallel))
+        return scaled
+
     def snapshot(self) -> Dict[str, Any]:
         """The metrics' and admin /usage's numbers (the supervisor sums its workers')."""
         return dict(self.stats.snapshot(), in_flight=self.limiter.in_flight())
+
+
+Scopes = Tuple[List[gcra.Bucket], bool, List[Tuple[str, Limits]]]
+
+
+def _whole(limits: Limits) -> Limits:
+    return limits
 
 
 def limit_headers(bucket: gcra.Bucket, now: float) -> List[Header]:
@@ -338,7 +426,7 @@ def limit_headers(bucket: gcra.Bucket, now: float) -> List[Header]:
     return out
 
 
-def _refusal_message(key: ClientKey, refusal: gcra.Refusal) -> str:
+def _refusal_message(key: ClientKey, refusal: "gcra.Refusal | SharedRefusal") -> str:
     scope = refusal.scope
     if scope.startswith("t:"):
         whose = f"the tenant {key.tenant!r}"

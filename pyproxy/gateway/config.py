@@ -105,9 +105,22 @@ class ModelSpec:
         return any(c in self.name for c in "*?[")
 
 
-AUTH_KEYS = frozenset({"mode", "keys_file", "tpm_reserve_max"})
+AUTH_KEYS = frozenset(
+    {
+        "mode",
+        "keys_file",
+        "tpm_reserve_max",
+        "limits_backend",
+        "limits_local_share",
+        "instances",
+        "limits_redis_timeout",
+    }
+)
 AUTH_MODES = ("off", "keys")
 DEFAULT_TPM_RESERVE_MAX = 32768
+# An admission waits this long for Redis before this process decides alone (and the
+# circuit opens): loopback Redis answers in well under a millisecond.
+DEFAULT_LIMITS_REDIS_TIMEOUT = 0.1
 
 
 @dataclass(frozen=True)
@@ -120,6 +133,14 @@ class AuthConfig:
     # The most tokens a request reserves at admission (its prompt bytes / 4 plus
     # max_tokens); the real usage is charged when the response ends.
     tpm_reserve_max: int = DEFAULT_TPM_RESERVE_MAX
+    # "memory" (each process alone) or a redis:// URL: counters shared by every
+    # instance and worker (see gateway/shared_limits.py).
+    limits_backend: str = "memory"
+    # The fraction of every limit each instance enforces by itself while Redis is
+    # down or slow (default 1/instances); a process of --workers N takes 1/N of it.
+    limits_local_share: float = 1.0
+    instances: int = 1
+    limits_redis_timeout: float = DEFAULT_LIMITS_REDIS_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -298,12 +319,24 @@ def parse_auth(value: Any, specs: List[UpstreamSpec], base_dir: str) -> Optional
             # The client's key is pyproxy's now: it must never reach an upstream.
             raise GatewayConfigError(f'auth: mode = "keys" needs an api_key on every upstream; {spec.name!r} has none')
     reserve_max = _positive_int(table.get("tpm_reserve_max", DEFAULT_TPM_RESERVE_MAX), "auth.tpm_reserve_max")
+    backend = table.get("limits_backend", "memory")
+    if not isinstance(backend, str) or (
+        backend != "memory" and not backend.startswith(("redis://", "rediss://", "unix://"))
+    ):
+        raise GatewayConfigError(f"auth.limits_backend: expected 'memory' or a redis:// URL, got {backend!r}")
+    instances = _positive_int(table.get("instances", 1), "auth.instances")
+    share = table.get("limits_local_share", 1.0 / instances)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise GatewayConfigError(f"auth.limits_local_share: expected a fraction in (0, 1], got {share!r}")
+    timeout = table.get("limits_redis_timeout", DEFAULT_LIMITS_REDIS_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 10:
+        raise GatewayConfigError(f"auth.limits_redis_timeout: expected seconds in (0, 10], got {timeout!r}")
     path = os.path.abspath(os.path.join(base_dir, keys_file))
     try:
         keys = load_keys(path)
     except KeysError as exc:
         raise GatewayConfigError(f"auth.keys_file: {exc}") from None
-    return AuthConfig(mode, path, keys, reserve_max)
+    return AuthConfig(mode, path, keys, reserve_max, backend, float(share), instances, float(timeout))
 
 
 def parse_gateway(

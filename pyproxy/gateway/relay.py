@@ -327,6 +327,15 @@ def _exchange_class() -> Any:
     return GatewayExchange
 
 
+def _processes(settings: "Settings") -> int:
+    """How many processes serve this instance (--workers), to split its local share."""
+    if settings.workers is None:
+        return 1
+    from pyproxy.supervisor import worker_count
+
+    return worker_count(settings)
+
+
 def _usage_strip(request: RoutedRequest, status: int, headers: List[Header]) -> Optional[UsageChunkStrip]:
     """The filter that takes the injected usage out of a 2xx event stream (None when
     the answer is something else: an error, JSON, an encoded body). ``headers`` lose a
@@ -385,7 +394,9 @@ class Gateway:
             frozenset(spec.name for spec in config.upstreams if spec.stream_usage == "inject") or None
         )
         # [auth] mode = "keys": client keys, limits and usage (None: the client's key passes).
-        self.admission = Admission(config.auth, loop) if config.auth is not None else None
+        self.admission = (
+            Admission(config.auth, loop, processes=_processes(settings)) if config.auth is not None else None
+        )
 
     def early_head(self, client: Any, after: float) -> EarlyHeadSink:
         """The sink that answers ``client`` itself if its upstream is silent ``after`` s."""

@@ -440,7 +440,7 @@ async def test_sighup_reloads_the_keys_file_in_one_process(tmp_path: Path) -> No
                 assert resp.status == 200  # the same key, renamed: still valid
             keys.write_text("")
             cli.process.send_signal(signal.SIGHUP)
-            await cli.wait_for_log("keys file reloaded (SIGHUP): 0 keys")
+            await cli.wait_for_log(f"keys file reloaded (SIGHUP) in process {cli.process.pid}: 0 keys")
             async with await Client.connect(cli.port) as client:
                 assert (await client.request(b"GET", b"/v1/models", auth)).status == 401
         finally:

@@ -448,6 +448,9 @@ async def test_the_admin_token_guards_everything_but_health_and_ready() -> None:
         def snapshot(self) -> Dict[str, Any]:
             return {"usage": {"per_key": {}, "per_tenant": {}, "unknown": 0}}
 
+        def auth_config(self) -> Any:
+            return None
+
     server = AdminServer(Source(), b"admin-token-123")
     await server.start("127.0.0.1", 0)
     try:

@@ -236,3 +236,55 @@ async def test_sighup_applies_a_new_upstream_set_under_load_and_refuses_a_bad_on
                 assert got.header(b"authorization") == b"Bearer sk-reload-test"
         finally:
             assert await sup.stop() == 0
+
+
+async def test_workers_share_limits_through_redis_and_a_disabled_key_stops_in_every_worker(tmp_path: Any) -> None:
+    """Two workers: one rpm limit through the Redis backend (not one each), and a key
+    disabled in the file refused by both within 5 s. Which worker answered is told
+    by the x-request-id prefix, random per process."""
+    from tests.integration.test_keys import KEYS, keys_toml, usage_origin
+    from tests.support.redis_server import RedisServer
+
+    async with RedisServer() as server, Origin() as origin:
+        usage_origin(origin)
+        keys_file = tmp_path / "keys.toml"
+        keys_file.write_text(keys_toml(alice="rpm = 6", bob=""))
+        config = tmp_path / "pyproxy.toml"
+        config.write_text(
+            f'[[upstreams]]\nname = "up"\nurl = "{origin.url}"\napi_key = "sk-up"\n'
+            '[[models]]\nname = "m"\ndeployments = [{ upstream = "up" }]\n'
+            f'[auth]\nmode = "keys"\nkeys_file = "keys.toml"\nlimits_backend = "{server.url}"\n'
+        )
+        sup = await start_supervised(None, "--config", str(config), "--workers", "2")
+        try:
+
+            async def chat(who: str) -> Any:
+                headers = [(b"content-type", b"application/json"), (b"authorization", b"Bearer " + KEYS[who].encode())]
+                return await request(sup.port, b"POST", b"/v1/chat/completions", headers, b'{"model": "m"}')
+
+            def worker(resp: Any) -> bytes:
+                return resp.header(b"x-request-id").rsplit(b"-", 1)[0]
+
+            statuses = [(await chat("alice")).status for _ in range(10)]
+            assert statuses.count(200) == 6 and statuses.count(429) == 4, statuses
+            seen = {worker(await chat("bob")) for _ in range(100)}  # new connections: the kernel spreads them
+            assert len(seen) == 2, "the requests never reached both workers"
+            before = sum("keys file reloaded" in line for line in sup.log)
+            replacement = tmp_path / "keys.toml.new"
+            replacement.write_text(keys_toml(alice="disabled = true", bob=""))
+            os.replace(replacement, keys_file)  # atomic: one change, one reload per worker
+            loop = asyncio.get_running_loop()
+            written = loop.time()
+            while sum("keys file reloaded" in line for line in sup.log) < before + 2:
+                assert loop.time() - written < 5.0, f"not every worker reloaded within 5 s: {sup.log[-6:]}"
+                await asyncio.sleep(0.02)
+            reloaded = [re.search(r"keys file reloaded .* in process (\d+)", line) for line in sup.log]
+            pids = {match.group(1) for match in reloaded[-4:] if match}
+            assert pids == {str(pid) for pid in (await sup.health())["worker_pids"]}, sup.log[-6:]
+            assert len(pids) == 2, sup.log[-6:]
+            # Refused everywhere from then on (bob still works, in both workers).
+            for _ in range(20):
+                assert (await chat("alice")).status == 401
+            assert {worker(await chat("bob")) for _ in range(100)} == seen
+        finally:
+            assert await sup.stop() == 0

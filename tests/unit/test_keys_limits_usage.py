@@ -153,6 +153,17 @@ def test_keys_mode_needs_an_upstream_key_everywhere_and_a_loadable_file() -> Non
         assert gateway_settings(inject + models + auth).gateway.upstreams[0].stream_usage == "inject"  # type: ignore[union-attr]
         with pytest.raises(ConfigError, match="upstreams\\[0\\].stream_usage: expected one of off, inject"):
             gateway_settings(up_key + 'stream_usage = "yes"\n' + models + auth)
+        shared = gateway_settings(up_key + auth + 'limits_backend = "redis://127.0.0.1:9/0"\ninstances = 4\n')
+        assert shared.gateway.auth.limits_local_share == 0.25  # type: ignore[union-attr]
+        for bad, message in (
+            ('limits_backend = "memcached://x"', "auth.limits_backend: expected 'memory' or a redis:// URL"),
+            ("limits_local_share = 1.5", "auth.limits_local_share: expected a fraction in \\(0, 1\\]"),
+            ("limits_local_share = 0", "auth.limits_local_share"),
+            ("instances = 0", "auth.instances: expected an integer >= 1"),
+            ("limits_redis_timeout = -1", "auth.limits_redis_timeout"),
+        ):
+            with pytest.raises(ConfigError, match=message):
+                gateway_settings(up_key + auth + bad + "\n")
         for without in (inject + models, inject + auth):  # no keys, no model routing: nothing to count
             with pytest.raises(ConfigError, match='"inject" is for usage accounting'):
                 gateway_settings(without)
