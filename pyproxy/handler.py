@@ -18,7 +18,7 @@ import itertools
 import logging
 import os
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 from pyproxy.cache.entry import FRESH, STALE_IF_ERROR, STALE_WHILE_REVALIDATE, CachedResponse
 from pyproxy.cache.key import parse_json_body
@@ -36,7 +36,6 @@ from pyproxy.errors import (
     UpstreamDisconnected,
     UpstreamError,
 )
-from pyproxy.gateway.admission import Admitted
 from pyproxy.gateway.early_head import early_head_after
 from pyproxy.gateway.models import BY_MODEL, MODEL_LIST, NO_ROUTE, RouteNotFound, Target
 from pyproxy.gateway.relay import Gateway, RoutedRequest, Run
@@ -848,8 +847,11 @@ class Handler:
             return
         if whole is None and plan is None:
             if gateway.admission is not None:
-                admitted = self._admit(client, target, body, None)  # type: ignore[arg-type]
-                if admitted is not True and (admitted is False or not await admitted):  # type: ignore[misc]
+                decided: "asyncio.Future[Any]" = client.loop.create_future()
+                admitted = self._admit(client, target, body, None, lambda outcome: _settle(decided, outcome, gateway))  # type: ignore[arg-type]
+                if admitted is False:
+                    return
+                if admitted is None and not self._admitted(client, await decided):
                     return
             # Streamed through: a body already complete goes out with the head.
             chunks = body.take_buffered() if body.complete else []
@@ -876,25 +878,22 @@ class Handler:
         gateway = self.gateway
         assert gateway is not None
         if gateway.admission is not None:
-            admitted = self._admit(client, target, body, value)
-            if admitted is False:
-                return
-            if admitted is not True:  # Redis decides: go on once it has
-                client.task = client.loop.create_task(
-                    self._gateway_go_admitted(
-                        admitted, client, request, framing, body, target, plan, chunks, whole, parsed, value
-                    )
-                )
-                return
+            then = None
+            if gateway.admission.shared is not None:  # Redis may decide: go on once it has (no task)
+                args = (client, request, framing, body, target, plan, chunks, whole, parsed, value)
+                then = lambda outcome: self._gateway_go_admitted(outcome, args)  # noqa: E731
+            if not self._admit(client, target, body, value, then):
+                return  # answered (False), or Redis decides (None)
         self._gateway_send(client, request, framing, body, target, plan, chunks, whole, parsed, value)
 
-    async def _gateway_go_admitted(self, admitted: Awaitable[bool], *args: Any) -> None:
+    def _gateway_go_admitted(self, outcome: Any, args: Tuple[Any, ...]) -> None:
+        client = args[0]
         try:
-            if not await admitted:
-                return
-        except (asyncio.CancelledError, ClientGone):
-            return
-        self._gateway_send(*args)
+            if self._admitted(client, outcome):
+                self._gateway_send(*args)
+        except Exception:  # pragma: no cover - a bug; the client still gets an answer
+            log.exception("unexpected error after admission")
+            client.send_error(ProxyError("internal proxy error"))
 
     def _gateway_send(
         self,
@@ -948,37 +947,41 @@ class Handler:
             routed.parsed = value
 
     def _admit(
-        self, client: ClientConnection, target: Target, body: RequestBody, value: Any
-    ) -> Union[bool, Awaitable[bool]]:
+        self,
+        client: ClientConnection,
+        target: Target,
+        body: RequestBody,
+        value: Any,
+        then: Optional[Callable[[Any], None]] = None,
+    ) -> Optional[bool]:
         """[auth] mode = "keys": the limits of the key (403, 429 answered here). The
-        admission is held by the client connection until the request ends. With the
-        Redis backend, an awaitable of the answer."""
+        admission is held by the client connection until the request ends. True:
+        admitted; False: answered. None: the Redis backend decides, and ``then`` gets
+        its outcome (for _admitted) a round trip later."""
         model = target.public_model
         label = target.spec.name if model is not None and target.spec is not None else "other"
         try:
             admitted = self.gateway.admission.admit(  # type: ignore[union-attr]
-                client.client_key, model, label, body.received, value
+                client.client_key, model, label, body.received, value, then
             )
         except ProxyError as exc:
             client.send_error(exc)
             return False
-        if type(admitted) is Admitted:
-            client.admitted = admitted
-            return True
-        return self._admitted_later(client, admitted)  # type: ignore[arg-type]
+        if admitted is None:
+            return None
+        client.admitted = admitted
+        return True
 
-    async def _admitted_later(self, client: ClientConnection, pending: Awaitable[Admitted]) -> bool:
-        try:
-            admitted = await pending
-        except ProxyError as exc:
-            client.send_error(exc)
+    def _admitted(self, client: ClientConnection, outcome: Any) -> bool:
+        """Redis's admission arrived: hold it, or answer its 429. False: answered, or
+        the client is gone (then the admission ends at once)."""
+        if isinstance(outcome, ProxyError):
+            client.send_error(outcome)
             return False
         if client.closed:  # gone while Redis decided: the request ends here
-            client.admitted = admitted
-            self.gateway.admission.done(admitted, 499, b"", b"")  # type: ignore[union-attr]
-            client.admitted = None
+            self.gateway.admission.done(outcome, 499, b"", b"")  # type: ignore[union-attr]
             return False
-        client.admitted = admitted
+        client.admitted = outcome
         return True
 
     async def _keyed_collect(self, req: "Keyed") -> None:
@@ -1033,6 +1036,15 @@ class Handler:
 
 
 _NO_FRAMING = RequestFraming(None, False)
+
+
+def _settle(decided: "asyncio.Future[Any]", outcome: Any, gateway: Gateway) -> None:
+    """A shared admission's outcome for a task waiting on it; if the task is gone (its
+    client left), the admission ends here."""
+    if not decided.done():
+        decided.set_result(outcome)
+    elif not isinstance(outcome, ProxyError):
+        gateway.admission.done(outcome, 499, b"", b"")  # type: ignore[union-attr]
 
 
 def answer_models(client: ClientConnection, body: bytes) -> None:

@@ -25,6 +25,9 @@ from collections import deque
 from typing import Any, Deque, List, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from pyproxy._compat import is_uvloop
+from pyproxy.upstream.connection import ReusedBufferReads
+
 MAX_PENDING = 10000  # calls in flight on the connection; beyond, a call fails at once
 _CRLF = b"\r\n"
 
@@ -98,19 +101,61 @@ class RespParser:
         raise RespProtocolError(f"unexpected RESP type byte {kind!r}")
 
 
+_BULK_HEADS = [b"$%d\r\n" % n for n in range(256)]
+
+
+def bulk(value: Union[bytes, str, int, float]) -> bytes:
+    """One argument as a RESP bulk string. Callers on a hot path build a command's
+    constant parts once with this and join them (see Command)."""
+    kind = type(value)
+    if kind is bytes:
+        data = value
+    elif kind is str:
+        data = value.encode("utf-8")  # type: ignore[union-attr]
+    elif kind is int:
+        data = str(value).encode("ascii")
+    else:
+        data = repr(value).encode("ascii")
+    size = len(data)  # type: ignore[arg-type]
+    return b"".join((_BULK_HEADS[size] if size < 256 else b"$%d\r\n" % size, data, _CRLF))  # type: ignore[arg-type]
+
+
 def encode_command(args: Sequence[Union[bytes, str, int, float]]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, bytes):
-            value = arg
-        elif isinstance(arg, str):
-            value = arg.encode("utf-8")
-        elif isinstance(arg, int):
-            value = b"%d" % arg
-        else:
-            value = repr(arg).encode("ascii")
-        parts += (b"$%d\r\n" % len(value), value, _CRLF)
-    return b"".join(parts)
+    return b"".join([b"*%d\r\n" % len(args)] + [bulk(arg) for arg in args])
+
+
+class Command:
+    """A script call's keys and arguments as RESP bulk strings, joined once: parts
+    encoded ahead of time (a scope's keys and limits) are added as they are."""
+
+    __slots__ = ("keys", "key_count", "args", "arg_count")
+
+    def __init__(self) -> None:
+        self.keys: List[bytes] = []
+        self.key_count = 0
+        self.args: List[bytes] = []
+        self.arg_count = 0
+
+    def key(self, value: Union[bytes, str]) -> None:
+        self.keys.append(bulk(value))
+        self.key_count += 1
+
+    def arg(self, value: Union[bytes, str, int, float]) -> None:
+        self.args.append(bulk(value))
+        self.arg_count += 1
+
+    def encoded_keys(self, data: bytes, count: int) -> None:
+        self.keys.append(data)
+        self.key_count += count
+
+    def encoded_args(self, data: bytes, count: int) -> None:
+        self.args.append(data)
+        self.arg_count += count
+
+    def wire(self, verb: bytes, script_ref: bytes) -> bytes:
+        """The whole command: ``verb`` (EVALSHA or EVAL) with the sha or the source."""
+        head = b"*%d\r\n" % (3 + self.key_count + self.arg_count)
+        return b"".join([head, bulk(verb), bulk(script_ref), bulk(self.key_count)] + self.keys + self.args)
 
 
 class Script:
@@ -173,6 +218,11 @@ class _Connection(asyncio.Protocol):
                 future.set_exception(exc)
 
 
+class _BufferedConnection(ReusedBufferReads, _Connection, asyncio.BufferedProtocol):
+    """Reads into pyproxy's one reused buffer (see ReusedBufferReads: on PyPy a fresh
+    256 KiB buffer per read was a fifth of an admission's cost)."""
+
+
 class RespClient:
     """One pipelined connection to one Redis (``redis://[user:password@]host:port/db``,
     ``rediss://`` with TLS, ``unix:///path?db=N``)."""
@@ -192,6 +242,7 @@ class RespClient:
         self._username = unquote(parts.username) if parts.username else None
         self._password = unquote(parts.password) if parts.password else None
         self._conn: Optional[_Connection] = None
+        self._protocol = _Connection if is_uvloop(loop) else _BufferedConnection
         self._connecting: Optional["asyncio.Future[_Connection]"] = None
 
     async def _connection(self) -> _Connection:
@@ -220,10 +271,10 @@ class RespClient:
     async def _connect(self) -> _Connection:
         loop = self.loop
         if self._scheme == "unix":
-            coro = loop.create_unix_connection(lambda: _Connection(self), self._path)
+            coro = loop.create_unix_connection(lambda: self._protocol(self), self._path)
         else:
             context = ssl.create_default_context() if self._scheme == "rediss" else None
-            coro = loop.create_connection(lambda: _Connection(self), self._host, self._port, ssl=context)
+            coro = loop.create_connection(lambda: self._protocol(self), self._host, self._port, ssl=context)
         transport, conn = await asyncio.wait_for(coro, self.timeout)
         try:
             if self._password is not None:
@@ -241,7 +292,7 @@ class RespClient:
         if isinstance(reply, RespError):
             raise ConnectionError(f"redis refused {args[0]}: {reply}")
 
-    def _send(self, conn: _Connection, args: Sequence[Any]) -> "asyncio.Future[Reply]":
+    def _send(self, conn: _Connection, args: Sequence[Any], wire: Optional[bytes] = None) -> "asyncio.Future[Reply]":
         future: "asyncio.Future[Reply]" = self.loop.create_future()
         if conn.lost or conn.transport is None:
             future.set_exception(ConnectionError("redis connection lost"))
@@ -252,7 +303,16 @@ class RespClient:
         conn.pending.append(future)
         if not conn.out:
             self.loop.call_soon(conn.flush)
-        conn.out.append(encode_command(args))
+        conn.out.append(wire if wire is not None else encode_command(args))
+        return future
+
+    def _send_timed(
+        self, conn: _Connection, args: Sequence[Any], wire: Optional[bytes] = None
+    ) -> "asyncio.Future[Reply]":
+        future = self._send(conn, args, wire)
+        if not future.done():
+            timer = self.loop.call_later(self.timeout, _expire, future)
+            future.add_done_callback(lambda _: timer.cancel())
         return future
 
     async def call(self, *args: Any) -> Reply:
@@ -261,12 +321,46 @@ class RespClient:
         conn = self._conn
         if conn is None:
             conn = await asyncio.wait_for(self._connection(), self.timeout)
-        future = self._send(conn, args)
-        timer = self.loop.call_later(self.timeout, _expire, future)
-        try:
-            return await future
-        finally:
-            timer.cancel()
+        return await self._send_timed(conn, args)
+
+    def submit(self, script: Script, command: Command) -> "asyncio.Future[Reply]":
+        """A script call without a coroutine (no task per call on the hot path): a
+        future of its reply; its error reply, a timeout or a lost connection as its
+        exception. NOSCRIPT (a restarted Redis forgets scripts) is answered by EVAL."""
+        conn = self._conn
+        if conn is None:  # not connected yet: the coroutine, once
+            return self.loop.create_task(self._submit_connecting(script, command))
+        result: "asyncio.Future[Reply]" = self.loop.create_future()
+        first = self._send_timed(conn, (), command.wire(b"EVALSHA", script.sha))
+
+        def evalsha_done(done: "asyncio.Future[Reply]") -> None:
+            failure = ConnectionError("redis call cancelled") if done.cancelled() else done.exception()
+            if result.done():
+                return
+            if failure is not None:
+                result.set_exception(failure)
+                return
+            reply = done.result()
+            if isinstance(reply, RespError) and str(reply).startswith("NOSCRIPT"):
+                conn = self._conn
+                if conn is None:
+                    result.set_exception(ConnectionError("redis connection lost"))
+                    return
+                self._send_timed(conn, (), command.wire(b"EVAL", script.source)).add_done_callback(
+                    lambda again: _copy(again, result)
+                )
+            elif isinstance(reply, RespError):
+                result.set_exception(reply)
+            else:
+                result.set_result(reply)
+
+        first.add_done_callback(evalsha_done)
+        return result
+
+    async def _submit_connecting(self, script: Script, command: Command) -> Reply:
+        await asyncio.wait_for(self._connection(), self.timeout)
+        reply = await self.submit(script, command)
+        return reply
 
     async def run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Reply:
         """EVALSHA, loading the script with EVAL when Redis does not know it yet (a
@@ -283,6 +377,20 @@ class RespClient:
         self._conn = None
         if conn is not None and conn.transport is not None:
             conn.transport.close()
+
+
+def _copy(source: "asyncio.Future[Reply]", target: "asyncio.Future[Reply]") -> None:
+    failure = ConnectionError("redis call cancelled") if source.cancelled() else source.exception()
+    if target.done():
+        return
+    if failure is not None:
+        target.set_exception(failure)
+        return
+    reply = source.result()
+    if isinstance(reply, RespError):
+        target.set_exception(reply)
+    else:
+        target.set_result(reply)
 
 
 def _expire(future: "asyncio.Future[Reply]") -> None:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from pyproxy.errors import Forbidden, RateLimited, Unauthorized
 from pyproxy.gateway import limits as gcra
 from pyproxy.gateway.keys import ClientKey, KeysError, KeyTable, Limits, load_keys, presented_key
-from pyproxy.gateway.shared_limits import SharedLimits, SharedRefusal, SharedTicket
+from pyproxy.gateway.shared_limits import ScopeSet, SharedLimits, SharedRefusal, SharedTicket
 from pyproxy.gateway.usage import UsageMeter
 from pyproxy.metrics import Histogram
 
@@ -245,10 +245,17 @@ class Admission:
         return key
 
     def admit(
-        self, key: ClientKey, model: Optional[str], label: str, body_bytes: int, value: Any
-    ) -> Union[Admitted, Awaitable[Admitted]]:
-        """The admission (raises 403/429), or -- with the Redis backend answering -- an
-        awaitable of it: the caller awaits Redis's decision."""
+        self,
+        key: ClientKey,
+        model: Optional[str],
+        label: str,
+        body_bytes: int,
+        value: Any,
+        then: Optional[Callable[[Any], None]] = None,
+    ) -> Optional[Admitted]:
+        """The admission (raises 403/429); or -- with the Redis backend answering and a
+        ``then`` to call -- None, and ``then`` gets the Admitted or the RateLimited a
+        round trip later. ``then`` owns the Admitted: it must reach ``done``."""
         if model is not None and not key.allows(model):
             raise Forbidden(f"the API key {key.name!r} may not use the model {model!r}", code="model_not_allowed")
         scopes = self._scopes.get((key.name, model))
@@ -261,32 +268,38 @@ class Admission:
         if counts_tokens:
             cost = gcra.estimate_tokens(body_bytes, value, self.auth.tpm_reserve_max)
         shared = self.shared
-        if shared is not None and shared.available:
-            return self._admit_shared(shared, key, model, label, buckets, shared_scopes, cost)
+        if then is not None and shared is not None and shared.available:
+            shared.admit(
+                shared_scopes,  # type: ignore[arg-type]
+                cost,
+                lambda decision: then(self._shared_outcome(decision, key, model, label, buckets, cost)),
+            )
+            return None
         return self._admit_local(key, model, label, buckets, cost)
 
-    async def _admit_shared(
+    def _shared_outcome(
         self,
-        shared: SharedLimits,
+        decision: Any,
         key: ClientKey,
         model: Optional[str],
         label: str,
         buckets: List[gcra.Bucket],
-        shared_scopes: List[Tuple[str, Limits]],
         cost: int,
-    ) -> Admitted:
-        decision = await shared.admit(shared_scopes, cost)
-        if decision is None:  # Redis failed just now: this process decides, at its share
-            return self._admit_local(key, model, label, buckets, cost)
-        if type(decision) is SharedRefusal:
-            self.stats.refused(key.name, decision.reason, "proxy")
-            raise RateLimited(
-                _refusal_message(key, decision),
-                decision.retry_after,
-                limit_headers(decision.bucket, 0.0),
-                tokens=decision.reason == gcra.TOKENS,
-            )
-        return Admitted(key, model, label, decision, limit_headers(decision.state, 0.0))  # type: ignore[union-attr]
+    ) -> "Admitted | RateLimited":
+        try:
+            if decision is None:  # Redis failed just now: this process decides, at its share
+                return self._admit_local(key, model, label, buckets, cost)
+            if type(decision) is SharedRefusal:
+                self.stats.refused(key.name, decision.reason, "proxy")
+                return RateLimited(
+                    _refusal_message(key, decision),
+                    decision.retry_after,
+                    limit_headers(decision.bucket, 0.0),
+                    tokens=decision.reason == gcra.TOKENS,
+                )
+            return Admitted(key, model, label, decision, limit_headers(decision.state, 0.0))
+        except RateLimited as exc:
+            return exc
 
     def _admit_local(
         self, key: ClientKey, model: Optional[str], label: str, buckets: List[gcra.Bucket], cost: int
@@ -373,7 +386,8 @@ class Admission:
         # With the shared backend, this process's own buckets are the fallback, at its share.
         local = self._share_of if self.shared is not None else _whole
         buckets = [self.limiter.bucket(scope, local(limits)) for scope, limits in named]
-        scopes = (buckets, any(limits.tpm is not None for _, limits in named), named)
+        shared = ScopeSet(named) if self.shared is not None else None
+        scopes = (buckets, any(limits.tpm is not None for _, limits in named), shared)
         # Bounded: the model is the client's string (a key allowed every model may send
         # any); past the cap the memo starts over rather than grow.
         if len(self._scopes) >= MAX_SCOPE_MEMO:
@@ -398,7 +412,7 @@ class Admission:
         return dict(self.stats.snapshot(), in_flight=self.limiter.in_flight())
 
 
-Scopes = Tuple[List[gcra.Bucket], bool, List[Tuple[str, Limits]]]
+Scopes = Tuple[List[gcra.Bucket], bool, Optional[ScopeSet]]
 
 
 def _whole(limits: Limits) -> Limits:
