@@ -86,11 +86,25 @@ class Admitted:
         return None
 
 
+class _UsageRow:
+    """What one (key, model) pair's requests add to: found once, then plain additions."""
+
+    __slots__ = ("input", "output", "hist_in", "hist_out", "per_key", "per_tenant", "model")
+
+    def __init__(self, model: str, per_key: Dict[str, int], per_tenant: Dict[str, int]) -> None:
+        self.model = model
+        self.input = 0
+        self.output = 0
+        self.hist_in: Optional[Histogram] = None  # made at the first reported usage
+        self.hist_out: Optional[Histogram] = None
+        self.per_key = per_key
+        self.per_tenant = per_tenant
+
+
 class UsageStats:
     """This process's usage: per key and tenant (admin /usage), and the metrics."""
 
     def __init__(self) -> None:
-        self.tokens: Dict[Tuple[str, str, str], int] = {}  # (key, model, input|output)
         self.rate_limited: Dict[Tuple[str, str, str], int] = {}  # (key, reason, proxy|upstream)
         self.unknown = 0  # responses that reported no usage: their estimate stands
         self.token_usage: Dict[Tuple[str, str], Histogram] = {}  # (model, type)
@@ -98,24 +112,51 @@ class UsageStats:
         self.tpot: Dict[str, Histogram] = {}
         self.per_key: Dict[str, Dict[str, int]] = {}
         self.per_tenant: Dict[str, Dict[str, int]] = {}
+        self._rows: Dict[Tuple[str, str, str], _UsageRow] = {}  # (key, tenant, model label)
+
+    @property
+    def tokens(self) -> Dict[Tuple[str, str, str], int]:
+        """(key, model, input|output) -> tokens, as the metrics label them."""
+        out: Dict[Tuple[str, str, str], int] = {}
+        for (key, _, model), row in self._rows.items():
+            for kind, n in (("input", row.input), ("output", row.output)):
+                out[(key, model, kind)] = out.get((key, model, kind), 0) + n
+        return out
+
+    def _row(self, key: ClientKey, model: str) -> _UsageRow:
+        tables = []
+        for table, name in ((self.per_key, key.name), (self.per_tenant, key.tenant)):
+            entry = table.get(name)
+            if entry is None:
+                entry = table[name] = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "estimated": 0}
+            tables.append(entry)
+        row = self._rows[(key.name, key.tenant, model)] = _UsageRow(model, tables[0], tables[1])
+        return row
+
+    def _histogram(self, model: str, kind: str) -> Histogram:
+        hist = self.token_usage.get((model, kind))
+        if hist is None:
+            hist = self.token_usage[(model, kind)] = Histogram(TOKEN_BUCKETS)
+        return hist
 
     def count(self, key: ClientKey, model: str, used_in: int, used_out: int, reported: bool) -> None:
-        for kind, n in (("input", used_in), ("output", used_out)):
-            label = (key.name, model, kind)
-            self.tokens[label] = self.tokens.get(label, 0) + n
-            if reported:
-                hist = self.token_usage.get((model, kind))
-                if hist is None:
-                    hist = self.token_usage[(model, kind)] = Histogram(TOKEN_BUCKETS)
-                hist.observe(n)
-        for table, name in ((self.per_key, key.name), (self.per_tenant, key.tenant)):
-            row = table.get(name)
-            if row is None:
-                row = table[name] = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "estimated": 0}
-            row["requests"] += 1
-            row["input_tokens"] += used_in
-            row["output_tokens"] += used_out
-            row["estimated"] += not reported
+        row = self._rows.get((key.name, key.tenant, model))
+        if row is None:
+            row = self._row(key, model)
+        row.input += used_in
+        row.output += used_out
+        if reported:
+            hist = row.hist_in
+            if hist is None:
+                hist = row.hist_in = self._histogram(model, "input")
+                row.hist_out = self._histogram(model, "output")
+            hist.observe(used_in)
+            row.hist_out.observe(used_out)  # type: ignore[union-attr]
+        for entry in (row.per_key, row.per_tenant):
+            entry["requests"] += 1
+            entry["input_tokens"] += used_in
+            entry["output_tokens"] += used_out
+            entry["estimated"] += not reported
 
     def timing(self, model: str, ttft: float, per_token: Optional[float]) -> None:
         hist = self.ttft.get(model)
@@ -420,22 +461,38 @@ def _whole(limits: Limits) -> Limits:
 
 
 def limit_headers(bucket: gcra.Bucket, now: float) -> List[Header]:
-    """OpenAI's x-ratelimit-* fields of one scope (RFC-less, as OpenAI sends them)."""
+    """OpenAI's x-ratelimit-* fields of one scope (RFC-less, as OpenAI sends them). Runs
+    on every admitted request: integers only, the remaining counts as gcra.remaining
+    computes them (inlined)."""
     limits = bucket.limits
-    requests, tokens = gcra.remaining(bucket, now)
-    reset_requests, reset_tokens = gcra.reset_after(bucket, now)
     out: List[Header] = []
-    if limits.rpm is not None:
+    rpm = limits.rpm
+    if rpm is not None:
+        ahead = bucket.tat_requests - now
+        if ahead > 0:
+            left = int((gcra.WINDOW - ahead) * rpm / gcra.WINDOW + 1e-9)
+            left = 0 if left < 0 else (rpm if left > rpm else left)
+            reset = gcra.duration_bytes(ahead)
+        else:
+            left, reset = rpm, b"0ms"
         out += [
-            (b"x-ratelimit-limit-requests", b"%d" % limits.rpm),
-            (b"x-ratelimit-remaining-requests", b"%d" % requests),  # type: ignore[str-format]
-            (b"x-ratelimit-reset-requests", gcra.duration_text(reset_requests).encode("ascii")),
+            (b"x-ratelimit-limit-requests", b"%d" % rpm),
+            (b"x-ratelimit-remaining-requests", b"%d" % left),
+            (b"x-ratelimit-reset-requests", reset),
         ]
-    if limits.tpm is not None:
+    tpm = limits.tpm
+    if tpm is not None:
+        ahead = bucket.tat_tokens - now
+        if ahead > 0:
+            left = int((gcra.WINDOW - ahead) * tpm / gcra.WINDOW + 1e-9)
+            left = 0 if left < 0 else (tpm if left > tpm else left)
+            reset = gcra.duration_bytes(ahead)
+        else:
+            left, reset = tpm, b"0ms"
         out += [
-            (b"x-ratelimit-limit-tokens", b"%d" % limits.tpm),
-            (b"x-ratelimit-remaining-tokens", b"%d" % tokens),  # type: ignore[str-format]
-            (b"x-ratelimit-reset-tokens", gcra.duration_text(reset_tokens).encode("ascii")),
+            (b"x-ratelimit-limit-tokens", b"%d" % tpm),
+            (b"x-ratelimit-remaining-tokens", b"%d" % left),
+            (b"x-ratelimit-reset-tokens", reset),
         ]
     return out
 

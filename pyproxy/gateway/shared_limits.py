@@ -248,6 +248,7 @@ class SharedLimits:
         self._calls: Set["asyncio.Future[Any]"] = set()  # ends and refreshes in flight
         self._refresh: Optional[asyncio.TimerHandle] = None
         self.admitted = 0  # admissions Redis decided (the tests read these)
+        self.admission_calls = 0  # the script calls they took (batches of one loop iteration)
         self.ends_dropped = 0
 
     @property
@@ -280,6 +281,7 @@ class SharedLimits:
 
     def _send_admissions(self) -> None:
         batch, self._admissions = self._admissions, []
+        self.admission_calls += 1
         command = Command()
         command.arg(int(LEASE_TTL * 1e6))
         command.arg(len(batch))

@@ -175,3 +175,43 @@ async def test_redis_that_never_answers_costs_one_timeout_then_admits_locally() 
             writer.close()
         silent.close()
         await silent.wait_closed()
+
+
+async def test_shared_tpm_reserves_then_settles_with_the_real_usage_across_instances() -> None:
+    async with RedisServer() as server, Origin() as origin:
+        usage_origin(origin, prompt=30, completion=70)  # 100 tokens really used
+        fx = Fixture(origin, keys_toml(alice="tpm = 1000"))
+        toml = shared(fx, server.url)
+        async with running_gateway(toml) as a, running_gateway(toml) as b:
+            body = json.dumps({"model": "m", "max_tokens": 600, "messages": []}).encode()
+            reserved = 600 + len(body) // 4
+            first = await chat(a.port, "alice", body)
+            assert first.status == 200
+            assert int(first.header(b"x-ratelimit-remaining-tokens")) == 1000 - reserved
+            # Only the refund of what was reserved and not used makes room for a second
+            # reservation, on the other instance: it comes with the request's end.
+            deadline = time.monotonic() + 5.0
+            while True:
+                second = await chat(b.port, "alice", body)
+                if second.status == 200:
+                    break
+                assert second.status == 429 and error_of(second)["type"] == "tokens"
+                assert time.monotonic() < deadline, "the reservation was never settled"
+                await asyncio.sleep(0.05)
+            left = int(second.header(b"x-ratelimit-remaining-tokens"))
+            assert 1000 - 100 - reserved <= left <= 1000 - 100 - reserved + 100  # plus what drained meanwhile
+            # A charge beyond the reservation: the scope is over its limit for a while.
+            usage_origin(origin, prompt=500, completion=2000)
+            stream = json.dumps({"model": "m", "stream": True, "max_tokens": 1}).encode()
+            deadline = time.monotonic() + 5.0
+            while (await chat(a.port, "alice", stream)).status != 200:  # room for its small reservation
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            deadline = time.monotonic() + 5.0
+            while True:
+                refused = await chat(b.port, "alice", b'{"model": "m"}')
+                if refused.status == 429:
+                    break
+                assert time.monotonic() < deadline, "the charge never reached the shared scope"
+                await asyncio.sleep(0.05)
+            assert error_of(refused)["type"] == "tokens" and int(refused.header(b"retry-after")) >= 60
