@@ -460,41 +460,32 @@ def _whole(limits: Limits) -> Limits:
     return limits
 
 
+_REQUESTS_FIELDS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+_TOKENS_FIELDS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
+
+
 def limit_headers(bucket: gcra.Bucket, now: float) -> List[Header]:
     """OpenAI's x-ratelimit-* fields of one scope (RFC-less, as OpenAI sends them). Runs
-    on every admitted request: integers only, the remaining counts as gcra.remaining
-    computes them (inlined)."""
+    on every admitted request: integers only."""
     limits = bucket.limits
     out: List[Header] = []
-    rpm = limits.rpm
-    if rpm is not None:
-        ahead = bucket.tat_requests - now
-        if ahead > 0:
-            left = int((gcra.WINDOW - ahead) * rpm / gcra.WINDOW + 1e-9)
-            left = 0 if left < 0 else (rpm if left > rpm else left)
-            reset = gcra.duration_bytes(ahead)
-        else:
-            left, reset = rpm, b"0ms"
-        out += [
-            (b"x-ratelimit-limit-requests", b"%d" % rpm),
-            (b"x-ratelimit-remaining-requests", b"%d" % left),
-            (b"x-ratelimit-reset-requests", reset),
-        ]
-    tpm = limits.tpm
-    if tpm is not None:
-        ahead = bucket.tat_tokens - now
-        if ahead > 0:
-            left = int((gcra.WINDOW - ahead) * tpm / gcra.WINDOW + 1e-9)
-            left = 0 if left < 0 else (tpm if left > tpm else left)
-            reset = gcra.duration_bytes(ahead)
-        else:
-            left, reset = tpm, b"0ms"
-        out += [
-            (b"x-ratelimit-limit-tokens", b"%d" % tpm),
-            (b"x-ratelimit-remaining-tokens", b"%d" % left),
-            (b"x-ratelimit-reset-tokens", reset),
-        ]
+    if limits.rpm is not None:
+        _limit_fields(out, _REQUESTS_FIELDS, limits.rpm, bucket.tat_requests - now)
+    if limits.tpm is not None:
+        _limit_fields(out, _TOKENS_FIELDS, limits.tpm, bucket.tat_tokens - now)
     return out
+
+
+def _limit_fields(out: List[Header], names: Tuple[bytes, bytes, bytes], cap: int, ahead: float) -> None:
+    """A cap's three fields; ``ahead``: how far the scope's tat is ahead of now (the
+    remaining count as gcra.remaining computes it)."""
+    if ahead > 0:
+        left = int((gcra.WINDOW - ahead) * cap / gcra.WINDOW + 1e-9)
+        left = 0 if left < 0 else (cap if left > cap else left)
+        reset = gcra.duration_bytes(ahead)
+    else:
+        left, reset = cap, b"0ms"
+    out += [(names[0], b"%d" % cap), (names[1], b"%d" % left), (names[2], reset)]
 
 
 def _refusal_message(key: ClientKey, refusal: "gcra.Refusal | SharedRefusal") -> str:

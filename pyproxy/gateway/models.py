@@ -173,35 +173,52 @@ _TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]', re.S)
 def model_value_span(body: bytes) -> Optional[Tuple[int, int]]:
     """Where the top-level "model" string value sits in a JSON object body: (start, end)
     of the token with its quotes. The body is known to parse (the router parsed it)."""
+    span = top_level_value_span(body, "model")
+    if span is None or body[span[0] : span[0] + 1] != b'"':
+        return None
+    return span
+
+
+def top_level_value_span(body: bytes, name: str) -> Optional[Tuple[int, int]]:
+    """Where the value of the top-level member ``name`` sits in a JSON object body:
+    (start, end), whitespace excluded; None when there is no such member. The body
+    is known to parse."""
     depth = 0
     expect_key = False
-    key_is_model = False
-    after_colon = False
+    key_matches = False
+    value_start = -1
+    quoted = b'"%s"' % name.encode("ascii")  # member names asked for here are plain ASCII
     for match in _TOKENS.finditer(body):
         token = match.group()
         first = token[:1]
         if first == b"{" or first == b"[":
             depth += 1
             expect_key = depth == 1 and first == b"{"
-            after_colon = False
         elif first == b"}" or first == b"]":
             depth -= 1
+            if depth == 0 and value_start >= 0:
+                return _stripped(body, value_start, match.start())
         elif depth != 1:
             continue
         elif first == b",":
+            if value_start >= 0:
+                return _stripped(body, value_start, match.start())
             expect_key = True
         elif first == b":":
-            after_colon = True
-        elif first == b'"':
-            if expect_key:
-                key_is_model = token == b'"model"' or (b"\\" in token and _unescape(token) == "model")
-                expect_key = False
-                after_colon = False
-            elif after_colon:
-                after_colon = False
-                if key_is_model:
-                    return match.start(), match.end()
+            if key_matches:
+                value_start = match.end()
+        elif first == b'"' and expect_key:
+            key_matches = token == quoted or (b"\\" in token and _unescape(token) == name)
+            expect_key = False
     return None
+
+
+def _stripped(body: bytes, start: int, end: int) -> Tuple[int, int]:
+    while start < end and body[start] in b" \t\r\n":
+        start += 1
+    while end > start and body[end - 1] in b" \t\r\n":
+        end -= 1
+    return start, end
 
 
 def _unescape(token: bytes) -> str:

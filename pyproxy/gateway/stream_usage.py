@@ -23,9 +23,11 @@ client cannot use half an event anyway).
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List
 
 from pyproxy._compat import json_dumps, json_loads
+from pyproxy.gateway.models import top_level_value_span
+from pyproxy.http.sse import events_end
 
 # The APIs whose streams take stream_options.include_usage (OpenAI's chat
 # completions and legacy completions; the Responses API reports usage always).
@@ -34,7 +36,6 @@ INCLUDE_USAGE = b'"stream_options":{"include_usage":true}'
 # An event longer than this is passed on as it is, unread (usage events are small).
 MAX_EVENT = 256 * 1024
 
-_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]', re.S)
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n")
 # The "usage": null member of a chunk, with the comma that joins it to its neighbour.
 # A key is a bare quoted token: inside a JSON string every quote is escaped, so the
@@ -53,56 +54,6 @@ def wants_injection(path: bytes, value: Any) -> bool:
         return False
     options = value.get("stream_options")
     return not (type(options) is dict and options.get("include_usage") is True)
-
-
-def top_level_value_span(body: bytes, name: str) -> Optional[Tuple[int, int]]:
-    """Where the value of the top-level member ``name`` sits in a JSON object body:
-    (start, end), whitespace excluded; None when there is no such member. The body
-    is known to parse."""
-    depth = 0
-    expect_key = False
-    key_matches = False
-    value_start = -1
-    quoted = json_dumps(name)
-    for match in _TOKENS.finditer(body):
-        token = match.group()
-        first = token[:1]
-        if first == b"{" or first == b"[":
-            depth += 1
-            expect_key = depth == 1 and first == b"{"
-        elif first == b"}" or first == b"]":
-            depth -= 1
-            if depth == 0 and value_start >= 0:
-                return _stripped(body, value_start, match.start())
-        elif depth != 1:
-            continue
-        elif first == b",":
-            if value_start >= 0:
-                return _stripped(body, value_start, match.start())
-            expect_key = True
-        elif first == b":":
-            if key_matches:
-                value_start = match.end()
-        elif first == b'"' and expect_key:
-            key_matches = token == quoted or (b"\\" in token and _string(token) == name)
-            expect_key = False
-    return None
-
-
-def _stripped(body: bytes, start: int, end: int) -> Tuple[int, int]:
-    while start < end and body[start] in b" \t\r\n":
-        start += 1
-    while end > start and body[end - 1] in b" \t\r\n":
-        end -= 1
-    return start, end
-
-
-def _string(token: bytes) -> str:
-    try:
-        value = json_loads(token)
-    except ValueError:
-        return ""
-    return value if isinstance(value, str) else ""
 
 
 def inject_include_usage(body: bytes, value: Any) -> bytes:
@@ -134,9 +85,7 @@ class UsageChunkStrip:
         tail = self._tail
         if tail:
             data = tail + data
-        cut = data.rfind(b"\n\n")
-        cut_crlf = data.rfind(b"\r\n\r\n")
-        end = max(cut + 2 if cut >= 0 else -1, cut_crlf + 4 if cut_crlf >= 0 else -1)
+        end = events_end(data)
         if end < 0:  # no event has ended yet
             if len(data) > MAX_EVENT:  # not one of ours: pass it on unread
                 self._tail = b""

@@ -25,6 +25,7 @@ from time import perf_counter
 from typing import Any, List, Optional, Tuple
 
 from pyproxy._compat import json_loads
+from pyproxy.http.sse import events_end
 
 MAX_JSON_BODY = 1024 * 1024
 JSON_TAIL = 64 * 1024
@@ -151,12 +152,7 @@ class UsageMeter:
         tail = self._tail
         if tail:
             data = tail + data
-        cut = data.rfind(b"\n\n")
-        cut_crlf = data.rfind(b"\r\n\r\n")
-        if cut_crlf > cut - 2:  # the later boundary wins
-            end = cut_crlf + 4 if cut_crlf >= 0 else -1
-        else:
-            end = cut + 2
+        end = events_end(data)
         if end < 0:  # no boundary yet: the event goes on
             self._tail = data if len(data) <= MAX_EVENT else b""
             return

@@ -33,6 +33,14 @@ def is_event_stream(headers: List[Tuple[bytes, bytes]]) -> bool:
     return False
 
 
+def events_end(data: bytes) -> int:
+    """Where the last complete event of ``data`` ends (after its blank line, LF or CRLF
+    framed: the WHATWG event-stream format), or -1 when none has ended yet."""
+    cut = data.rfind(b"\n\n")
+    cut_crlf = data.rfind(b"\r\n\r\n")
+    return max(cut + 2 if cut >= 0 else -1, cut_crlf + 4 if cut_crlf >= 0 else -1)
+
+
 def stream_tail(tail: bytes, data: bytes) -> bytes:
     """The last TAIL_BYTES bytes of the stream once ``data`` follows ``tail``."""
     if len(data) >= TAIL_BYTES:
