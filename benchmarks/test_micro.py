@@ -353,3 +353,52 @@ def test_client_key_admission_sse(benchmark: Any) -> None:
     fields = benchmark(one)
     assert fields["usage"] == "reported" and fields["output_tokens"] == 19
     admission.loop.close()
+
+
+def test_shared_admission_batch_command(benchmark: Any) -> None:
+    """limits_backend = Redis: one loop iteration's 20 admissions as one script call
+    (the scopes' parts encoded once per key and model), and its reply parsed."""
+    from pyproxy.gateway.keys import Limits
+    from pyproxy.gateway.shared_limits import LEASE_TTL, ScopeSet
+    from pyproxy.resp import Command, RespParser
+
+    scopes = ScopeSet([("k:alice", Limits(600, 200000, 8)), ("t:acme", Limits(3000, 10**6, None))])
+    reply = (
+        b"*20\r\n"
+        + b"*4\r\n:1\r\n$16\r\n1796409165123456\r\n$16\r\n1796409166123456\r\n$16\r\n1796409165123456\r\n" * 20
+    )
+
+    def one() -> Any:
+        command = Command()
+        command.arg(int(LEASE_TTL * 1e6))
+        command.arg(20)
+        for i in range(20):
+            command.arg(2)
+            command.arg(150)
+            command.arg(b"0123456789ab:%d" % i)
+            command.encoded_args(scopes.admit_args, 6)
+            command.encoded_keys(scopes.admit_keys, 6)
+        wire = command.wire(b"EVALSHA", b"0" * 40)
+        return wire, RespParser().feed(reply)
+
+    wire, replies = benchmark(one)
+    # verb, sha, key count; 6 keys and 3 + 6 arguments an admission; TTL and count
+    assert wire.startswith(b"*%d\r\n" % (3 + 6 * 20 + 2 + (3 + 6) * 20)) and len(replies[0]) == 20
+
+
+def test_usage_strip_of_an_injected_stream(benchmark: Any) -> None:
+    """stream_usage = "inject": a 20-event stream with "usage": null in every chunk
+    and the usage chunk at its end, stripped as it passes."""
+    from pyproxy.gateway.stream_usage import UsageChunkStrip
+
+    chunk = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"tok"}}],"usage":null}\n\n'
+    last = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":19}}\n\ndata: [DONE]\n\n'
+    events = [chunk] * 19 + [last]
+    taken: List[bytes] = []
+
+    def one() -> int:
+        strip = UsageChunkStrip(taken.append)
+        return sum(len(strip.feed(event)) for event in events) + len(strip.finish())
+
+    size = benchmark(one)
+    assert size == 19 * (len(chunk) - len(b',"usage":null')) + len(b"data: [DONE]\n\n") and taken

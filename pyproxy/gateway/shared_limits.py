@@ -229,9 +229,6 @@ def _state(scope: str, limits: Limits, now_us: float, tat_r: float, tat_t: float
     return bucket
 
 
-Decision = "SharedTicket | SharedRefusal | None"
-
-
 class SharedLimits:
     def __init__(self, url: str, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop

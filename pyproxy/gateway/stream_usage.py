@@ -42,6 +42,7 @@ _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n")
 # pattern cannot match text a model generated.
 _NULL_AFTER = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])')
 _NULL_BEFORE = re.compile(rb'"usage"\s*:\s*null\s*,\s*')
+_COMPACT_NULL = b',"usage":null'  # (followed by , or }: a key's value ends there)
 
 
 def wants_injection(path: bytes, value: Any) -> bool:
@@ -121,13 +122,20 @@ class UsageChunkStrip:
         if b'"usage"' not in event:
             out.append(event)
             return
-        if _is_usage_chunk(event):
-            self.on_usage(event)
+        # Every chunk but the last says "usage": null: taken out by pattern, no parse
+        # (OpenAI's compact form first, as a plain substring).
+        if _COMPACT_NULL in event:
+            out.append(event.replace(_COMPACT_NULL, b"", 1))
             return
         stripped, found = _NULL_AFTER.subn(b"", event, count=1)
         if not found:
-            stripped = _NULL_BEFORE.sub(b"", event, count=1)
-        out.append(stripped)
+            stripped, found = _NULL_BEFORE.subn(b"", event, count=1)
+        if found:
+            out.append(stripped)
+        elif _is_usage_chunk(event):
+            self.on_usage(event)
+        else:
+            out.append(event)
 
 
 def _is_usage_chunk(event: bytes) -> bool:
