@@ -704,6 +704,8 @@ class Handler:
             if name == b"x-request-id" and 0 < len(value) <= 200:
                 client.request_id = value
                 return b""
+        if client.request_id:  # made earlier in this request (for an answer of pyproxy's own)
+            return client.request_id
         client.request_id = b"%s-%x" % (self._rid_prefix, next(self._rid_counter))
         return client.request_id
 
@@ -754,6 +756,9 @@ class Handler:
             answer_health(client)
             return
         tenant = None
+        if gateway.admission is not None:
+            # pyproxy's own 401/403/429 carry the request id too: a client can quote it.
+            self.assign_request_id(client, request)
         try:
             if gateway.admission is not None:  # 401 before anything else is looked at
                 key = client.client_key = gateway.admission.authenticate(request.headers)

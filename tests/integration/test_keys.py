@@ -127,6 +127,7 @@ async def test_401_and_403_in_openai_shape_the_connection_kept_and_the_key_never
                     err = error_of(resp)
                     assert err["code"] == code and err["message"]
                     assert resp.header(b"x-should-retry") == b"false"
+                    assert resp.header(b"x-request-id")  # an id the client can quote
                     assert KEYS["carol"] not in resp.body.decode() and "pp-nope" not in resp.body.decode()
                 # The same connection, still open: 401/403 keep it (they are not malformed input).
                 resp = await client.request(
@@ -168,6 +169,9 @@ async def test_rpm_60_with_100_concurrent_requests_admits_exactly_60() -> None:
             limited = [r for r in responses if r.status == 429]
             assert len(ok) == 60 and len(limited) == 40
             assert len(origin.requests) == 60
+            assert len({r.header(b"x-request-id") for r in responses}) == 100  # 429s too, each its own
+            own = await chat(proxy.port, "alice", headers=[(b"x-request-id", b"client-id-1")])
+            assert own.status == 429 and own.header(b"x-request-id") == b"client-id-1"
             for resp in limited:
                 err = error_of(resp)
                 assert err["code"] == "rate_limit_exceeded" and err["type"] == "requests"
@@ -186,7 +190,9 @@ async def test_rpm_60_with_100_concurrent_requests_admits_exactly_60() -> None:
             results = await asyncio.gather(*(chat(proxy.port, "alice") for _ in range(20)))
             assert sum(r.status == 200 for r in results) == 10
             snap = proxy.gateway.admission.snapshot()  # type: ignore[union-attr]
-            assert dict((tuple(k), v) for k, v in snap["rate_limited"])[("alice", "requests", "proxy")] == 40 + 2 + 10
+            assert (
+                dict((tuple(k), v) for k, v in snap["rate_limited"])[("alice", "requests", "proxy")] == 40 + 1 + 2 + 10
+            )
 
 
 async def test_tpm_reserves_at_admission_and_settles_with_the_real_usage() -> None:
