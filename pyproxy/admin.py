@@ -199,16 +199,13 @@ class AdminServer:
             from pyproxy.resp import RespClient
 
             if self._redis is None:
-                self._redis = RespClient(auth.limits_backend, max(1.0, auth.limits_redis_timeout), self._loop())
+                timeout = max(1.0, auth.limits_redis_timeout)
+                self._redis = RespClient(auth.limits_backend, timeout, asyncio.get_running_loop())
             try:
                 answer.update(await read_usage(self._redis), source="redis")
             except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
                 answer["source"] = f"this instance (redis unavailable: {type(exc).__name__})"
         return _json(200, answer)
-
-    @staticmethod
-    def _loop() -> asyncio.AbstractEventLoop:
-        return asyncio.get_running_loop()
 
     async def _upstreams(self, query: str, body: bytes) -> Tuple[int, list, bytes]:
         return _json(200, await self.source.upstreams())

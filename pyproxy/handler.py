@@ -852,11 +852,15 @@ class Handler:
             return
         if whole is None and plan is None:
             if gateway.admission is not None:
-                decided: "asyncio.Future[Any]" = client.loop.create_future()
-                admitted = self._admit(client, target, body, None, lambda outcome: _settle(decided, outcome, gateway))  # type: ignore[arg-type]
+                decided: Optional["asyncio.Future[Any]"] = None
+                then = None
+                if gateway.admission.shared is not None:  # Redis may decide: this task waits
+                    decided = client.loop.create_future()
+                    then = lambda outcome: _settle(decided, outcome, gateway)  # type: ignore[arg-type]  # noqa: E731
+                admitted = self._admit(client, target, body, None, then)  # type: ignore[arg-type]
                 if admitted is False:
                     return
-                if admitted is None and not self._admitted(client, await decided):
+                if admitted is None and not self._admitted(client, await decided):  # type: ignore[misc]
                     return
             # Streamed through: a body already complete goes out with the head.
             chunks = body.take_buffered() if body.complete else []

@@ -334,25 +334,13 @@ class RespClient:
         first = self._send_timed(conn, (), command.wire(b"EVALSHA", script.sha))
 
         def evalsha_done(done: "asyncio.Future[Reply]") -> None:
-            failure = ConnectionError("redis call cancelled") if done.cancelled() else done.exception()
-            if result.done():
-                return
-            if failure is not None:
-                result.set_exception(failure)
-                return
-            reply = done.result()
-            if isinstance(reply, RespError) and str(reply).startswith("NOSCRIPT"):
-                conn = self._conn
-                if conn is None:
-                    result.set_exception(ConnectionError("redis connection lost"))
-                    return
-                self._send_timed(conn, (), command.wire(b"EVAL", script.source)).add_done_callback(
-                    lambda again: _copy(again, result)
-                )
-            elif isinstance(reply, RespError):
-                result.set_exception(reply)
+            reply = None if done.cancelled() or done.exception() is not None else done.result()
+            conn = self._conn
+            if isinstance(reply, RespError) and str(reply).startswith("NOSCRIPT") and conn is not None:
+                again = self._send_timed(conn, (), command.wire(b"EVAL", script.source))  # EVAL loads it
+                again.add_done_callback(lambda answered: _copy(answered, result))
             else:
-                result.set_result(reply)
+                _copy(done, result)
 
         first.add_done_callback(evalsha_done)
         return result
@@ -360,16 +348,6 @@ class RespClient:
     async def _submit_connecting(self, script: Script, command: Command) -> Reply:
         await asyncio.wait_for(self._connection(), self.timeout)
         reply = await self.submit(script, command)
-        return reply
-
-    async def run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Reply:
-        """EVALSHA, loading the script with EVAL when Redis does not know it yet (a
-        restarted Redis forgets its scripts). A script's error reply is raised."""
-        reply = await self.call(b"EVALSHA", script.sha, len(keys), *keys, *args)
-        if isinstance(reply, RespError) and str(reply).startswith("NOSCRIPT"):
-            reply = await self.call(b"EVAL", script.source, len(keys), *keys, *args)
-        if isinstance(reply, RespError):
-            raise reply
         return reply
 
     def close(self) -> None:
@@ -380,6 +358,7 @@ class RespClient:
 
 
 def _copy(source: "asyncio.Future[Reply]", target: "asyncio.Future[Reply]") -> None:
+    """A script call's outcome onto the caller's future: an error reply as its exception."""
     failure = ConnectionError("redis call cancelled") if source.cancelled() else source.exception()
     if target.done():
         return

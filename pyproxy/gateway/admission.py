@@ -89,10 +89,9 @@ class Admitted:
 class _UsageRow:
     """What one (key, model) pair's requests add to: found once, then plain additions."""
 
-    __slots__ = ("input", "output", "hist_in", "hist_out", "per_key", "per_tenant", "model")
+    __slots__ = ("input", "output", "hist_in", "hist_out", "per_key", "per_tenant")
 
-    def __init__(self, model: str, per_key: Dict[str, int], per_tenant: Dict[str, int]) -> None:
-        self.model = model
+    def __init__(self, per_key: Dict[str, int], per_tenant: Dict[str, int]) -> None:
         self.input = 0
         self.output = 0
         self.hist_in: Optional[Histogram] = None  # made at the first reported usage
@@ -130,7 +129,7 @@ class UsageStats:
             if entry is None:
                 entry = table[name] = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "estimated": 0}
             tables.append(entry)
-        row = self._rows[(key.name, key.tenant, model)] = _UsageRow(model, tables[0], tables[1])
+        row = self._rows[(key.name, key.tenant, model)] = _UsageRow(tables[0], tables[1])
         return row
 
     def _histogram(self, model: str, kind: str) -> Histogram:
@@ -381,16 +380,9 @@ class Admission:
             if not shared_ticket:
                 gcra.reconcile(ticket, used, self.clock())  # type: ignore[arg-type]
         if self.shared is not None:  # the lease, the reconcile and the usage, in Redis
+            shared = ticket if shared_ticket else None
             estimated = not free and not reported
-            self.shared.end(
-                ticket if shared_ticket else None,
-                used,
-                key.name,
-                key.tenant,
-                used_in,
-                used_out,
-                estimated,  # type: ignore[arg-type]
-            )
+            self.shared.end(shared, used, key.name, key.tenant, used_in, used_out, estimated)  # type: ignore[arg-type]
         if not free:
             if not reported and 200 <= status < 300:
                 self.stats.unknown += 1
@@ -477,15 +469,9 @@ def limit_headers(bucket: gcra.Bucket, now: float) -> List[Header]:
 
 
 def _limit_fields(out: List[Header], names: Tuple[bytes, bytes, bytes], cap: int, ahead: float) -> None:
-    """A cap's three fields; ``ahead``: how far the scope's tat is ahead of now (the
-    remaining count as gcra.remaining computes it)."""
-    if ahead > 0:
-        left = int((gcra.WINDOW - ahead) * cap / gcra.WINDOW + 1e-9)
-        left = 0 if left < 0 else (cap if left > cap else left)
-        reset = gcra.duration_bytes(ahead)
-    else:
-        left, reset = cap, b"0ms"
-    out += [(names[0], b"%d" % cap), (names[1], b"%d" % left), (names[2], reset)]
+    """A cap's three fields; ``ahead``: how far the scope's tat is ahead of now."""
+    reset = gcra.duration_bytes(ahead) if ahead > 0 else b"0ms"
+    out += [(names[0], b"%d" % cap), (names[1], b"%d" % gcra.left_of(cap, ahead)), (names[2], reset)]
 
 
 def _refusal_message(key: ClientKey, refusal: "gcra.Refusal | SharedRefusal") -> str:

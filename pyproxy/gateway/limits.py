@@ -148,25 +148,19 @@ def reconcile(ticket: Ticket, used: int, now: float) -> None:
 def remaining(bucket: Bucket, now: float) -> Tuple[Optional[int], Optional[int]]:
     """(requests, tokens) the scope would admit now, None where uncapped."""
     limits = bucket.limits
-    requests = tokens = None
-    # (WINDOW - ahead) / interval, floored: int() truncates, which floors what is
-    # positive, and what is not ends at 0 either way.
-    rpm = limits.rpm
-    if rpm is not None:
-        ahead = bucket.tat_requests - now
-        left = (WINDOW - ahead) * rpm / WINDOW if ahead > 0 else rpm
-        requests = max(0, min(rpm, int(left + 1e-9)))
-    tpm = limits.tpm
-    if tpm is not None:
-        ahead = bucket.tat_tokens - now
-        left = (WINDOW - ahead) * tpm / WINDOW if ahead > 0 else tpm
-        tokens = max(0, min(tpm, int(left + 1e-9)))
+    requests = None if limits.rpm is None else left_of(limits.rpm, bucket.tat_requests - now)
+    tokens = None if limits.tpm is None else left_of(limits.tpm, bucket.tat_tokens - now)
     return requests, tokens
 
 
-def reset_after(bucket: Bucket, now: float) -> Tuple[float, float]:
-    """Seconds until the requests and tokens budgets are whole again."""
-    return max(bucket.tat_requests - now, 0.0), max(bucket.tat_tokens - now, 0.0)
+def left_of(cap: int, ahead: float) -> int:
+    """What a cap admits now when its scope's tat is ``ahead`` seconds ahead of now:
+    (WINDOW - ahead) / interval, floored (int() truncates, which floors what is
+    positive; what is not ends at 0 either way)."""
+    if ahead <= 0:
+        return cap
+    left = int((WINDOW - ahead) * cap / WINDOW + 1e-9)
+    return 0 if left < 0 else (cap if left > cap else left)
 
 
 def duration_bytes(seconds: float) -> bytes:

@@ -35,9 +35,9 @@ from pyproxy.gateway.early_head import EarlyHeadSink
 from pyproxy.gateway.models import GatewayRoutes, Target, rewrite_model
 from pyproxy.gateway.state import UpstreamState
 from pyproxy.gateway.stream_usage import UsageChunkStrip, inject_include_usage
+from pyproxy.gateway.usage import UsageMeter
 from pyproxy.http.headers import client_response_headers
 from pyproxy.http.messages import IDEMPOTENT_METHODS, ResponseHead
-from pyproxy.http.sse import is_event_stream
 from pyproxy.sink import ClientGone
 from pyproxy.upstream.pool import ConnectionPool
 
@@ -265,7 +265,7 @@ def _exchange_class() -> Any:
             client = self.client
             client.upstream_ttfb = ttfb
             headers = client_response_headers(head.headers)
-            if attempt.request.inject_usage is not None and attempt.request.injects_for(attempt.deployment):
+            if attempt.request.injects_for(attempt.deployment):
                 self.strip = _usage_strip(attempt.request, status, headers)
             if gateway.upstream_headers:
                 number = attempt.number
@@ -340,11 +340,9 @@ def _usage_strip(request: RoutedRequest, status: int, headers: List[Header]) -> 
     """The filter that takes the injected usage out of a 2xx event stream (None when
     the answer is something else: an error, JSON, an encoded body). ``headers`` lose a
     Content-Length, which the stream no longer matches: it goes chunked instead."""
-    if not 200 <= status < 300 or not is_event_stream(headers):
+    probe = UsageMeter()  # the meter's own test of which answers it reads
+    if not probe.start(status, headers) or not probe.streamed:
         return None
-    for name, value in headers:
-        if name == b"content-encoding" and value.lower() != b"identity":
-            return None
     if headers and headers[-1][0] == b"content-length":
         headers.pop()
     client = request.usage_client
