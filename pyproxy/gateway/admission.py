@@ -87,17 +87,18 @@ class Admitted:
 
 
 class _UsageRow:
-    """What one (key, model) pair's requests add to: found once, then plain additions."""
+    """What one (key, tenant, model) triple's requests add to: found once, then plain
+    additions (the totals per key and per tenant are summed from these when asked)."""
 
-    __slots__ = ("input", "output", "hist_in", "hist_out", "per_key", "per_tenant")
+    __slots__ = ("requests", "input", "output", "estimated", "hist_in", "hist_out")
 
-    def __init__(self, per_key: Dict[str, int], per_tenant: Dict[str, int]) -> None:
+    def __init__(self) -> None:
+        self.requests = 0
         self.input = 0
         self.output = 0
+        self.estimated = 0  # requests whose usage was not reported: their estimate stood
         self.hist_in: Optional[Histogram] = None  # made at the first reported usage
         self.hist_out: Optional[Histogram] = None
-        self.per_key = per_key
-        self.per_tenant = per_tenant
 
 
 class UsageStats:
@@ -109,8 +110,6 @@ class UsageStats:
         self.token_usage: Dict[Tuple[str, str], Histogram] = {}  # (model, type)
         self.ttft: Dict[str, Histogram] = {}
         self.tpot: Dict[str, Histogram] = {}
-        self.per_key: Dict[str, Dict[str, int]] = {}
-        self.per_tenant: Dict[str, Dict[str, int]] = {}
         self._rows: Dict[Tuple[str, str, str], _UsageRow] = {}  # (key, tenant, model label)
 
     @property
@@ -122,15 +121,18 @@ class UsageStats:
                 out[(key, model, kind)] = out.get((key, model, kind), 0) + n
         return out
 
-    def _row(self, key: ClientKey, model: str) -> _UsageRow:
-        tables = []
-        for table, name in ((self.per_key, key.name), (self.per_tenant, key.tenant)):
-            entry = table.get(name)
+    def totals(self, by: int) -> Dict[str, Dict[str, int]]:
+        """Requests and tokens per key (``by`` 0) or per tenant (1)."""
+        out: Dict[str, Dict[str, int]] = {}
+        for names, row in self._rows.items():
+            entry = out.get(names[by])
             if entry is None:
-                entry = table[name] = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "estimated": 0}
-            tables.append(entry)
-        row = self._rows[(key.name, key.tenant, model)] = _UsageRow(tables[0], tables[1])
-        return row
+                entry = out[names[by]] = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "estimated": 0}
+            entry["requests"] += row.requests
+            entry["input_tokens"] += row.input
+            entry["output_tokens"] += row.output
+            entry["estimated"] += row.estimated
+        return out
 
     def _histogram(self, model: str, kind: str) -> Histogram:
         hist = self.token_usage.get((model, kind))
@@ -139,9 +141,11 @@ class UsageStats:
         return hist
 
     def count(self, key: ClientKey, model: str, used_in: int, used_out: int, reported: bool) -> None:
-        row = self._rows.get((key.name, key.tenant, model))
+        names = (key.name, key.tenant, model)
+        row = self._rows.get(names)
         if row is None:
-            row = self._row(key, model)
+            row = self._rows[names] = _UsageRow()
+        row.requests += 1
         row.input += used_in
         row.output += used_out
         if reported:
@@ -151,11 +155,8 @@ class UsageStats:
                 row.hist_out = self._histogram(model, "output")
             hist.observe(used_in)
             row.hist_out.observe(used_out)  # type: ignore[union-attr]
-        for entry in (row.per_key, row.per_tenant):
-            entry["requests"] += 1
-            entry["input_tokens"] += used_in
-            entry["output_tokens"] += used_out
-            entry["estimated"] += not reported
+        else:
+            row.estimated += 1
 
     def timing(self, model: str, ttft: float, per_token: Optional[float]) -> None:
         hist = self.ttft.get(model)
@@ -180,8 +181,8 @@ class UsageStats:
             "token_usage": [[list(k), h.snapshot()] for k, h in self.token_usage.items()],
             "ttft": [[[k], h.snapshot()] for k, h in self.ttft.items()],
             "tpot": [[[k], h.snapshot()] for k, h in self.tpot.items()],
-            "per_key": {k: dict(v) for k, v in self.per_key.items()},
-            "per_tenant": {k: dict(v) for k, v in self.per_tenant.items()},
+            "per_key": self.totals(0),
+            "per_tenant": self.totals(1),
         }
 
 
@@ -452,26 +453,44 @@ def _whole(limits: Limits) -> Limits:
     return limits
 
 
-_REQUESTS_FIELDS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
-_TOKENS_FIELDS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
+_LIMIT_REQUESTS = b"x-ratelimit-limit-requests"
+_REMAINING_REQUESTS = b"x-ratelimit-remaining-requests"
+_RESET_REQUESTS = b"x-ratelimit-reset-requests"
+_LIMIT_TOKENS = b"x-ratelimit-limit-tokens"
+_REMAINING_TOKENS = b"x-ratelimit-remaining-tokens"
+_RESET_TOKENS = b"x-ratelimit-reset-tokens"
 
 
 def limit_headers(bucket: gcra.Bucket, now: float) -> List[Header]:
     """OpenAI's x-ratelimit-* fields of one scope (RFC-less, as OpenAI sends them). Runs
-    on every admitted request: integers only."""
+    on every admitted request: integers only, the two caps written out."""
     limits = bucket.limits
     out: List[Header] = []
-    if limits.rpm is not None:
-        _limit_fields(out, _REQUESTS_FIELDS, limits.rpm, bucket.tat_requests - now)
-    if limits.tpm is not None:
-        _limit_fields(out, _TOKENS_FIELDS, limits.tpm, bucket.tat_tokens - now)
+    cap = limits.rpm
+    if cap is not None:
+        ahead = bucket.tat_requests - now
+        if ahead > 0:
+            out += [
+                (_LIMIT_REQUESTS, b"%d" % cap),
+                (_REMAINING_REQUESTS, b"%d" % gcra.left_of(cap, ahead)),
+                (_RESET_REQUESTS, gcra.duration_bytes(ahead)),
+            ]
+        else:  # idle: the whole cap, now
+            capped = b"%d" % cap
+            out += [(_LIMIT_REQUESTS, capped), (_REMAINING_REQUESTS, capped), (_RESET_REQUESTS, b"0ms")]
+    cap = limits.tpm
+    if cap is not None:
+        ahead = bucket.tat_tokens - now
+        if ahead > 0:
+            out += [
+                (_LIMIT_TOKENS, b"%d" % cap),
+                (_REMAINING_TOKENS, b"%d" % gcra.left_of(cap, ahead)),
+                (_RESET_TOKENS, gcra.duration_bytes(ahead)),
+            ]
+        else:
+            capped = b"%d" % cap
+            out += [(_LIMIT_TOKENS, capped), (_REMAINING_TOKENS, capped), (_RESET_TOKENS, b"0ms")]
     return out
-
-
-def _limit_fields(out: List[Header], names: Tuple[bytes, bytes, bytes], cap: int, ahead: float) -> None:
-    """A cap's three fields; ``ahead``: how far the scope's tat is ahead of now."""
-    reset = gcra.duration_bytes(ahead) if ahead > 0 else b"0ms"
-    out += [(names[0], b"%d" % cap), (names[1], b"%d" % gcra.left_of(cap, ahead)), (names[2], reset)]
 
 
 def _refusal_message(key: ClientKey, refusal: "gcra.Refusal | SharedRefusal") -> str:

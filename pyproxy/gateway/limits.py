@@ -21,7 +21,7 @@ request refused by its tenant costs its key nothing.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from pyproxy.gateway.keys import Limits
 
@@ -33,16 +33,23 @@ CONCURRENCY = "concurrency"
 
 
 class Bucket:
-    """The state of one scope."""
+    """The state of one scope, and its caps as admission reads them (set with
+    ``limits``: the emission intervals divided out once, not per request)."""
 
-    __slots__ = ("scope", "limits", "tat_requests", "tat_tokens", "in_flight")
+    __slots__ = ("scope", "limits", "tat_requests", "tat_tokens", "in_flight", "request_step", "token_step", "parallel")
 
     def __init__(self, scope: str, limits: Limits) -> None:
         self.scope = scope
-        self.limits = limits
         self.tat_requests = 0.0
         self.tat_tokens = 0.0
         self.in_flight = 0
+        self.set_limits(limits)
+
+    def set_limits(self, limits: Limits) -> None:
+        self.limits = limits
+        self.request_step = _interval(limits.rpm) if limits.rpm is not None else 0.0  # 0.0: uncapped
+        self.token_step = _interval(limits.tpm) if limits.tpm is not None else 0.0
+        self.parallel = limits.max_parallel  # None: uncapped
 
 
 class Refusal:
@@ -63,7 +70,7 @@ class Ticket:
 
     __slots__ = ("buckets", "reserved", "released", "settled")
 
-    def __init__(self, buckets: List[Bucket], reserved: int) -> None:
+    def __init__(self, buckets: Sequence[Bucket], reserved: int) -> None:
         self.buckets = buckets
         self.reserved = reserved
         self.released = False
@@ -74,48 +81,43 @@ def _interval(limit: int) -> float:
     return WINDOW / limit
 
 
-def check(bucket: Bucket, cost: int, now: float) -> Optional[Tuple[str, float]]:
-    """(reason, retry after) if ``bucket`` refuses a request reserving ``cost``
-    tokens now; None if it admits it."""
-    limits = bucket.limits
-    if limits.max_parallel is not None and bucket.in_flight >= limits.max_parallel:
-        # When a slot frees is not known; a second is the usual answer (OpenAI's too).
-        return CONCURRENCY, 1.0
-    if limits.rpm is not None:
-        step = _interval(limits.rpm)
-        after = max(bucket.tat_requests, now) + step
-        if after - now > WINDOW + 1e-9:
-            return REQUESTS, after - now - WINDOW
-    if limits.tpm is not None and cost:
-        step = _interval(limits.tpm)
-        # A reservation larger than the whole minute's budget would never pass: it is
-        # admitted once the scope is idle, and its real usage charged afterwards.
-        cost = min(cost, limits.tpm)
-        after = max(bucket.tat_tokens, now) + cost * step
-        if after - now > WINDOW + 1e-9:
-            return TOKENS, after - now - WINDOW
-    return None
-
-
-def take(bucket: Bucket, cost: int, now: float) -> None:
-    limits = bucket.limits
-    if limits.max_parallel is not None:
-        bucket.in_flight += 1
-    if limits.rpm is not None:
-        bucket.tat_requests = max(bucket.tat_requests, now) + _interval(limits.rpm)
-    if limits.tpm is not None and cost:
-        bucket.tat_tokens = max(bucket.tat_tokens, now) + min(cost, limits.tpm) * _interval(limits.tpm)
-
-
 def admit(buckets: Sequence[Bucket], cost: int, now: float) -> "Ticket | Refusal":
-    """Decide over every scope, then act on all of them or none."""
+    """Decide over every scope, then act on all of them or none. (One function, the
+    check and the act written out: it runs on every admitted request, and a call
+    costs more than these lines on CPython.)"""
     for bucket in buckets:
-        refused = check(bucket, cost, now)
-        if refused is not None:
-            return Refusal(bucket.scope, refused[0], refused[1], bucket)
+        parallel = bucket.parallel
+        if parallel is not None and bucket.in_flight >= parallel:
+            # When a slot frees is not known; a second is the usual answer (OpenAI's too).
+            return Refusal(bucket.scope, CONCURRENCY, 1.0, bucket)
+        step = bucket.request_step
+        if step:
+            tat = bucket.tat_requests
+            ahead = (tat if tat > now else now) + step - now
+            if ahead > WINDOW + 1e-9:
+                return Refusal(bucket.scope, REQUESTS, ahead - WINDOW, bucket)
+        step = bucket.token_step
+        if step and cost:
+            # A reservation larger than the whole minute's budget would never pass: it
+            # is admitted once the scope is idle, and its real usage charged afterwards.
+            tpm: int = bucket.limits.tpm  # type: ignore[assignment]
+            tat = bucket.tat_tokens
+            ahead = (tat if tat > now else now) + (cost if cost < tpm else tpm) * step - now
+            if ahead > WINDOW + 1e-9:
+                return Refusal(bucket.scope, TOKENS, ahead - WINDOW, bucket)
     for bucket in buckets:
-        take(bucket, cost, now)
-    return Ticket(list(buckets), cost)
+        if bucket.parallel is not None:
+            bucket.in_flight += 1
+        step = bucket.request_step
+        if step:
+            tat = bucket.tat_requests
+            bucket.tat_requests = (tat if tat > now else now) + step
+        step = bucket.token_step
+        if step and cost:
+            tpm = bucket.limits.tpm  # type: ignore[assignment]
+            tat = bucket.tat_tokens
+            bucket.tat_tokens = (tat if tat > now else now) + (cost if cost < tpm else tpm) * step
+    return Ticket(buckets, cost)
 
 
 def release(ticket: Ticket) -> None:
@@ -124,7 +126,7 @@ def release(ticket: Ticket) -> None:
         return
     ticket.released = True
     for bucket in ticket.buckets:
-        if bucket.limits.max_parallel is not None and bucket.in_flight > 0:
+        if bucket.parallel is not None and bucket.in_flight > 0:
             bucket.in_flight -= 1
 
 
@@ -135,11 +137,11 @@ def reconcile(ticket: Ticket, used: int, now: float) -> None:
         return
     ticket.settled = True
     for bucket in ticket.buckets:
-        tpm = bucket.limits.tpm
-        if tpm is None:
+        step = bucket.token_step
+        if not step:
             continue
-        reserved = min(ticket.reserved, tpm)
-        delta = (used - reserved) * _interval(tpm)
+        reserved = min(ticket.reserved, bucket.limits.tpm)  # type: ignore[type-var]
+        delta = (used - reserved) * step
         # A refund never gives back more than the time still ahead: tokens spent
         # before the bucket had drained are not returned twice.
         bucket.tat_tokens = max(bucket.tat_tokens + delta, now) if delta < 0 else bucket.tat_tokens + delta
@@ -214,7 +216,7 @@ class Limiter:
         if bucket is None:
             bucket = self.buckets[scope] = Bucket(scope, limits)
         elif bucket.limits is not limits:
-            bucket.limits = limits  # edited in the keys file: the new caps, the state kept
+            bucket.set_limits(limits)  # edited in the keys file: the new caps, the state kept
         return bucket
 
     def prune(self, live: Sequence[str]) -> None:

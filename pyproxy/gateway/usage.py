@@ -14,7 +14,8 @@ Shapes read (the ``usage`` objects of):
 
 An event stream is scanned for the bytes ``usage`` only; the events that carry
 them are parsed, the rest (every content delta) cost one substring search. A JSON
-body is kept up to ``MAX_JSON_BODY`` and parsed once at its end; beyond that
+body is kept up to ``MAX_JSON_BODY`` and, at its end, its last ``usage`` object is
+parsed alone (the whole body only if that cannot be isolated); beyond that size
 (embeddings of many inputs) only its tail is kept, where every one of these APIs
 puts ``usage``.
 """
@@ -69,6 +70,34 @@ def _usage_in(value: Any) -> Any:
         nested = value.get(inner)
         if type(nested) is dict and nested.get("usage") is not None:
             return nested["usage"]
+    return None
+
+
+def last_usage_member(body: bytes) -> Any:
+    """The object of the last ``"usage":`` member in a JSON text, parsed alone; None if
+    there is none or it cannot be isolated so (then the caller parses the whole)."""
+    return usage_member_at(body, body.rfind(b'"usage"'))
+
+
+def usage_member_at(body: bytes, at: int) -> Any:
+    """The object of the ``"usage"`` at ``at`` (-1: none), if it is a member's name: a
+    ``"usage"`` followed by ``:`` is one, as inside a JSON string its quotes would be
+    escaped. The object ends at the first ``}`` that balances the braces; one in a
+    string throws the count off, and the parse fails, never misreads."""
+    if at < 0:
+        return None
+    start = body.find(b"{", at + 7)
+    if start < 0 or body[at + 7 : start].strip() != b":":  # null, or not a member
+        return None
+    end = body.find(b"}", start)
+    while end >= 0:
+        part = body[start : end + 1]
+        if part.count(b"{") == part.count(b"}"):
+            try:
+                return json_loads(part)
+            except ValueError:
+                return None
+        end = body.find(b"}", end + 1)
     return None
 
 
@@ -135,7 +164,13 @@ class UsageMeter:
         elif self.kind == _JSON and self._parts:
             body = b"".join(self._parts)
             self._parts = []
-            if b'"usage"' not in body:  # /v1/models and the like: no full parse for nothing
+            at = body.rfind(b'"usage"')
+            if at < 0:  # /v1/models and the like: no parse for nothing
+                return
+            # The usage object alone, parsed (every one of these APIs puts it last):
+            # a tenth of the body. If it cannot be isolated or says nothing (a "usage"
+            # member of something else), the whole body is read as before.
+            if self._take(usage_member_at(body, at)):
                 return
             if self._overflow:
                 self._read_tail(body)
@@ -209,7 +244,8 @@ class UsageMeter:
                         pass
                     return
 
-    def _take(self, usage: Any) -> None:
+    def _take(self, usage: Any) -> bool:
+        """Whether ``usage`` said anything."""
         prompt, output = tokens_of(usage)
         # Set, never add: Anthropic's message_delta counts are cumulative, and a
         # stream's usage chunk is the whole request's.
@@ -217,3 +253,4 @@ class UsageMeter:
             self.input = prompt
         if output is not None:
             self.output = output
+        return prompt is not None or output is not None

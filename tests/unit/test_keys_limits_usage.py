@@ -23,7 +23,7 @@ from pyproxy.gateway.keys import (
     parse_time,
     presented_key,
 )
-from pyproxy.gateway.usage import MAX_JSON_BODY, UsageMeter
+from pyproxy.gateway.usage import MAX_JSON_BODY, UsageMeter, last_usage_member
 from tests.support.gateway import gateway_settings
 
 SSE = [(b"content-type", b"text/event-stream")]
@@ -45,6 +45,21 @@ def test_new_keys_are_random_urlsafe_and_found_by_their_hash_only() -> None:
     found = table.lookup(key.encode())
     assert found is not None and found.name == "alice" and found.tenant == "alice" and found.limits.rpm == 5
     assert table.lookup(key[:-1].encode()) is None and table.lookup(b"") is None
+
+
+def test_found_keys_are_remembered_per_table_and_unknown_ones_never() -> None:
+    alice, bob = new_key(), new_key()
+    entries = [{"name": "alice", "hash": key_hash(alice)}, {"name": "bob", "hash": key_hash(bob)}]
+    table = parse_keys({"keys": entries}, "k.toml")
+    for _ in range(3):
+        assert table.lookup(alice.encode()).name == "alice"  # type: ignore[union-attr]
+    for i in range(100):  # a client trying keys grows nothing
+        assert table.lookup(b"pp-guess-%d" % i) is None
+    assert table.lookup(bob.encode()).name == "bob"  # type: ignore[union-attr]
+    assert sorted(k.name for k in table._found.values()) == ["alice", "bob"]
+    # A reload is a new table: a key removed from the file is not found from the old one's.
+    reloaded = parse_keys({"keys": entries[1:]}, "k.toml")
+    assert reloaded.lookup(alice.encode()) is None and reloaded.lookup(bob.encode()).name == "bob"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
@@ -335,6 +350,31 @@ def test_responses_not_read_for_usage() -> None:
     gz = [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")]
     for headers, status in ((gz, 200), (JSON, 429), ([(b"content-type", b"text/plain")], 200)):
         assert not UsageMeter().start(status, headers)
+
+
+@pytest.mark.parametrize(
+    "body,isolated,expected",
+    [
+        (OPENAI_JSON, True, (12, 34)),  # nested details: the braces balance further on
+        (b'{"usage" :\n {"prompt_tokens":1,"completion_tokens":2}}', True, (1, 2)),
+        # A brace inside a string of the usage object: not isolated, the whole is parsed.
+        (b'{"usage":{"note":"}{","prompt_tokens":5,"completion_tokens":6}}', False, (5, 6)),
+        # "usage" as a string value, then as a member name in a string (escaped quotes).
+        (b'{"type":"usage","text":"\\"usage\\": {\\"prompt_tokens\\": 99}","usage":{"prompt_tokens":3}}', True, (3, None)),
+        # A later "usage" member that reports nothing (a tool's schema): the whole body.
+        (b'{"usage":{"input_tokens":7,"output_tokens":8},"tools":[{"parameters":{"properties":{"usage":{"type":"string"}}}}]}', None, (7, 8)),
+        (b'{"usage":null,"x":{"a":1}}', False, (None, None)),
+        (b'{"usage":{"prompt_tokens":4', False, (None, None)),  # truncated: no parse, no crash
+    ],
+)  # fmt: skip
+def test_the_usage_object_is_parsed_alone_when_it_can_be_isolated(body: bytes, isolated: object, expected) -> None:
+    found = last_usage_member(body)
+    if isolated is True:
+        assert found == json.loads(body)["usage"]
+    elif isolated is False:
+        assert found is None
+    meter = meter_of(JSON, [body])
+    assert (meter.input, meter.output) == expected
 
 
 def test_a_large_body_keeps_only_its_tail_and_still_finds_usage() -> None:
