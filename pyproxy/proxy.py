@@ -24,6 +24,7 @@ from pyproxy.health import UpstreamProbe
 from pyproxy.http.messages import RequestHead
 from pyproxy.metrics import RequestMetrics, snapshot
 from pyproxy.routing import Endpoints
+from pyproxy.server.idle import IdleSweeper, tick_for
 from pyproxy.server.protocol import BufferedClientConnection, ClientConnection
 from pyproxy.upstream.pool import ConnectionPool
 
@@ -61,6 +62,8 @@ class Proxy:
             settings.dedup_replay_bytes, settings.dedup_max_backlog, settings.inflight_buffer_bytes
         )
         self.metrics = RequestMetrics()
+        # Idle and busy connections' --client-timeout deadlines, on one timer.
+        self.idle = IdleSweeper(self.loop, tick_for(settings.client_timeout))
         self.endpoints = Endpoints(settings)
         self.handler = Handler(settings, self.pool, self.cache, self.coalescer, self.metrics, self.gateway)
         self.gateway_checks = GatewayChecks(self.gateway, settings) if self.gateway is not None else None
@@ -218,6 +221,7 @@ class Proxy:
             if conn.transport is not None:
                 conn.transport.abort()
         self.pool.close()
+        self.idle.close()
         if self.gateway is not None:
             self.gateway.close()
         if self.cache is not None:

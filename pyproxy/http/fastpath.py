@@ -153,6 +153,9 @@ def _parse_fields(block: bytes) -> Optional[Tuple[List[Header], int, int, bool, 
     return headers, content_length, hosts, close, special, chunked
 
 
+_COMMON_METHODS = {m: m for m in (b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"PATCH", b"OPTIONS")}
+
+
 def parse_request_head(buf: bytes) -> Union[FastRequest, str]:
     end = _split_head(buf)
     if type(end) is str:
@@ -164,6 +167,7 @@ def parse_request_head(buf: bytes) -> Union[FastRequest, str]:
     method = match.group(1)
     if method == b"CONNECT":
         return FALLBACK
+    method = _COMMON_METHODS.get(method, method)  # one shared object, not one per request
     fields = _parse_fields(buf[line_end : end - 4])  # type: ignore[operator]
     if fields is None:
         return FALLBACK

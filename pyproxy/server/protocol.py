@@ -52,7 +52,7 @@ from pyproxy.http.sse import PING, STREAM_START, is_event_stream, keepalive_due,
 from pyproxy.server.body import RequestBody
 from pyproxy.server.flow import BODY_BUFFER_FULL, PIPELINE_WAIT, ReadGate
 from pyproxy.sink import ClientGone, abandon
-from pyproxy.upstream.connection import ReusedBufferReads, set_nodelay
+from pyproxy.upstream.connection import ReusedBufferReads
 
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Protocol
@@ -139,6 +139,7 @@ class ClientConnection(asyncio.Protocol):
         "must_close",
         "last_activity",
         "_timer",
+        "sweep_slot",
         "_head_started",
         "_body_mark_at",
         "_body_mark_bytes",
@@ -192,7 +193,8 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.must_close = False
         self.last_activity = 0.0
-        self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer: Optional[asyncio.TimerHandle] = None  # a deadline that needs precision
+        self.sweep_slot: Optional[int] = None  # or its place in proxy.idle (one that does not)
         # when the first byte of a request head still incomplete arrived (0: none)
         self._head_started = 0.0
         # the body rate window: since when, and how much of the body had arrived then
@@ -234,12 +236,13 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.read_gate = ReadGate(self.transport)  # type: ignore[arg-type]
-        set_nodelay(transport)
+        # No TCP_NODELAY call: both loops set it on every TCP transport (asyncio since
+        # 3.6, uvloop too), and asking uvloop for the socket keeps ~70 bytes per connection.
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]).encode("ascii") if peer else b"unknown"
         self.proxy.connection_opened(self)
-        self.last_activity = self.loop.time()
-        self._timer = self.loop.call_later(self.proxy.settings.client_timeout, self._check_deadlines)
+        now = self.last_activity = self.loop.time()
+        self.proxy.idle.at(now + self.proxy.settings.client_timeout, self)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -264,6 +267,7 @@ class ClientConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.proxy.idle.forget(self)
         if self._observing:
             # nginx's 499: the client closed the connection before the response was complete.
             self._observe(self.resp_status if self.response_started else 499)
@@ -709,6 +713,9 @@ class ClientConnection(asyncio.Protocol):
         self.task = None
         self.busy = False
         self._sse_every = 0.0
+        # What only this request needed goes now, not at the next one: an idle
+        # keep-alive connection holds as little as it can (10,000 of them are usual).
+        self.req_target = self.request_id = b""
         if self.closed:
             self._out = []
             return
@@ -834,7 +841,7 @@ class ClientConnection(asyncio.Protocol):
         if not self.busy and not self.response_started and not self._buf:
             self.close()
 
-    # --- deadlines: one lazy timer per connection, moved earlier only when needed ---------
+    # --- deadlines: a lazy timer per connection where precision matters, else proxy.idle ---
 
     def _head_pending(self) -> None:
         """Part of a request head is here: all of it must arrive within --header-timeout of
@@ -850,13 +857,20 @@ class ClientConnection(asyncio.Protocol):
         self._check_at(now + self.proxy.settings.body_timeout)
 
     def _check_at(self, when: float) -> None:
+        """A precise deadline (the connection leaves proxy.idle until it is met)."""
         timer = self._timer
         if timer is not None:
             if timer.when() <= when:
                 return
             timer.cancel()
         if not self.closed:
+            self.proxy.idle.forget(self)
             self._timer = self.loop.call_at(when, self._check_deadlines)
+
+    def swept(self) -> None:
+        """proxy.idle's call, for a deadline that needed no precision."""
+        if self._timer is None:  # else a precise one took over meanwhile
+            self._check_deadlines()
 
     def _check_deadlines(self) -> None:
         self._timer = None
@@ -864,6 +878,7 @@ class ClientConnection(asyncio.Protocol):
             return
         settings = self.proxy.settings
         now = self.loop.time()
+        precise = True  # a request head or body arriving, an event stream's pings
         if not self.busy:
             started = self._head_started
             if started:
@@ -883,6 +898,7 @@ class ClientConnection(asyncio.Protocol):
                     self.close()  # an idle keep-alive connection
                     return
                 when = self.last_activity + settings.client_timeout
+                precise = False
         else:
             body = self.body
             if body is not None and not body.complete and body.error is None and self._body_mark_at:
@@ -904,9 +920,14 @@ class ClientConnection(asyncio.Protocol):
                 when = self._body_mark_at + settings.body_timeout
             else:
                 when = now + settings.client_timeout
+                precise = False
             if self._sse_every and self.response_started:
                 when = min(when, self._keep_stream_alive(now))
-        self._timer = self.loop.call_at(when, self._check_deadlines)
+                precise = True
+        if precise:
+            self._timer = self.loop.call_at(when, self._check_deadlines)
+        else:
+            self.proxy.idle.at(when, self)
 
     def _keep_stream_alive(self, now: float) -> float:
         """--sse-keepalive: a ping if the stream has been silent long enough and is

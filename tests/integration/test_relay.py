@@ -27,6 +27,20 @@ async def test_get_models_relayed() -> None:
         assert seen.header(b"via") == b"1.1 pyproxy"
 
 
+async def test_client_and_upstream_sockets_send_small_writes_at_once() -> None:
+    """TCP_NODELAY on both sides (an SSE event must not wait for Nagle): the loop sets
+    it on every TCP transport, pyproxy relies on that for client connections."""
+    import socket
+
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        async with await Client.connect(proxy.port) as client:
+            assert (await client.request(b"GET", b"/v1/models")).status == 200
+            (conn,) = proxy.connections
+            for transport in (conn.transport, proxy.pool.idle[0].transport):  # type: ignore[union-attr]
+                sock = transport.get_extra_info("socket")
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 async def test_post_body_and_keepalive_reuse_one_upstream_connection() -> None:
     async with Origin() as origin, running_proxy(origin.url) as proxy:
         async with await Client.connect(proxy.port) as client:
