@@ -308,7 +308,7 @@ OPTIONS: Tuple[Option, ...] = (
         "client_timeout",
         _positive_float,
         60.0,
-        "seconds a client may idle between requests",
+        "seconds a client may idle between requests (closed up to min(1 s, S/4) later)",
         metavar="S",
     ),
     Option(
