@@ -453,43 +453,31 @@ def _whole(limits: Limits) -> Limits:
     return limits
 
 
-_LIMIT_REQUESTS = b"x-ratelimit-limit-requests"
-_REMAINING_REQUESTS = b"x-ratelimit-remaining-requests"
-_RESET_REQUESTS = b"x-ratelimit-reset-requests"
-_LIMIT_TOKENS = b"x-ratelimit-limit-tokens"
-_REMAINING_TOKENS = b"x-ratelimit-remaining-tokens"
-_RESET_TOKENS = b"x-ratelimit-reset-tokens"
+_REQUESTS_FIELDS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+_TOKENS_FIELDS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
 
 
 def limit_headers(bucket: gcra.Bucket, now: float) -> List[Header]:
     """OpenAI's x-ratelimit-* fields of one scope (RFC-less, as OpenAI sends them). Runs
-    on every admitted request: integers only, the two caps written out."""
+    on every admitted request: integers only, no call per field."""
     limits = bucket.limits
     out: List[Header] = []
-    cap = limits.rpm
-    if cap is not None:
-        ahead = bucket.tat_requests - now
+    for cap, tat, names in (
+        (limits.rpm, bucket.tat_requests, _REQUESTS_FIELDS),
+        (limits.tpm, bucket.tat_tokens, _TOKENS_FIELDS),
+    ):
+        if cap is None:
+            continue
+        ahead = tat - now
         if ahead > 0:
             out += [
-                (_LIMIT_REQUESTS, b"%d" % cap),
-                (_REMAINING_REQUESTS, b"%d" % gcra.left_of(cap, ahead)),
-                (_RESET_REQUESTS, gcra.duration_bytes(ahead)),
+                (names[0], b"%d" % cap),
+                (names[1], b"%d" % gcra.left_of(cap, ahead)),
+                (names[2], gcra.duration_bytes(ahead)),
             ]
         else:  # idle: the whole cap, now
             capped = b"%d" % cap
-            out += [(_LIMIT_REQUESTS, capped), (_REMAINING_REQUESTS, capped), (_RESET_REQUESTS, b"0ms")]
-    cap = limits.tpm
-    if cap is not None:
-        ahead = bucket.tat_tokens - now
-        if ahead > 0:
-            out += [
-                (_LIMIT_TOKENS, b"%d" % cap),
-                (_REMAINING_TOKENS, b"%d" % gcra.left_of(cap, ahead)),
-                (_RESET_TOKENS, gcra.duration_bytes(ahead)),
-            ]
-        else:
-            capped = b"%d" % cap
-            out += [(_LIMIT_TOKENS, capped), (_REMAINING_TOKENS, capped), (_RESET_TOKENS, b"0ms")]
+            out += [(names[0], capped), (names[1], capped), (names[2], b"0ms")]
     return out
 
 
