@@ -402,3 +402,39 @@ def test_usage_strip_of_an_injected_stream(benchmark: Any) -> None:
 
     size = benchmark(one)
     assert size == 19 * (len(chunk) - len(b',"usage":null')) + len(b"data: [DONE]\n\n") and taken
+
+
+# --- idle deadlines: one shared timer instead of one per connection ---------------------
+
+
+class _Swept:
+    __slots__ = ("sweep_slot",)
+
+    def __init__(self) -> None:
+        self.sweep_slot = None
+
+    def swept(self) -> None:  # pragma: no cover - not reached: every item is forgotten
+        pass
+
+
+def test_idle_deadlines_of_1000_connections(benchmark: Any) -> None:
+    """1,000 connections given their --client-timeout deadline (spread over a few
+    slots, as connections going idle at different moments are), then closed."""
+    from pyproxy.server.idle import IdleSweeper
+
+    loop = asyncio.new_event_loop()
+    sweeper = IdleSweeper(loop, 1.0)
+    items = [_Swept() for _ in range(1000)]
+
+    def one() -> int:
+        now = loop.time()
+        for i, item in enumerate(items):
+            sweeper.at(now + 60 + (i % 7), item)
+        held = len(sweeper)
+        for item in items:
+            sweeper.forget(item)
+        return held
+
+    assert benchmark(one) == 1000 and not sweeper.slots
+    sweeper.close()
+    loop.close()
