@@ -185,10 +185,6 @@ def duration_bytes(seconds: float) -> bytes:
     return b"%dm%ds" % (minutes, rest)
 
 
-def duration_text(seconds: float) -> str:
-    return duration_bytes(seconds).decode("ascii")
-
-
 def estimate_tokens(body_bytes: int, value: object, cap: int) -> int:
     """The tokens a request reserves at admission: its prompt bytes / 4 (about four
     bytes a token for English text in the BPE tokenizers), plus the completion it

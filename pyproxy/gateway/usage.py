@@ -73,12 +73,6 @@ def _usage_in(value: Any) -> Any:
     return None
 
 
-def last_usage_member(body: bytes) -> Any:
-    """The object of the last ``"usage":`` member in a JSON text, parsed alone; None if
-    there is none or it cannot be isolated so (then the caller parses the whole)."""
-    return usage_member_at(body, body.rfind(b'"usage"'))
-
-
 def usage_member_at(body: bytes, at: int) -> Any:
     """The object of the ``"usage"`` at ``at`` (-1: none), if it is a member's name: a
     ``"usage"`` followed by ``:`` is one, as inside a JSON string its quotes would be

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
-import socket
 from typing import TYPE_CHECKING, Any, List, Optional
 
 import h11
@@ -96,16 +95,6 @@ class ExchangeListener:
         raise NotImplementedError
 
 
-def set_nodelay(transport: asyncio.BaseTransport) -> None:
-    """Small writes (an SSE event) must leave at once, not wait for Nagle."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # pragma: no cover
-            pass
-
-
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool",
@@ -168,7 +157,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        set_nodelay(transport)
+        # TCP_NODELAY (an SSE event must not wait for Nagle) is the loop's: both set it
+        # on every TCP transport, TLS ones included.
         sock = transport.get_extra_info("socket")
         if sock is not None and transport.get_extra_info("sslcontext") is None:
             # Over TLS a readable socket may only hold a session ticket: not a sign

@@ -23,7 +23,7 @@ from pyproxy.gateway.keys import (
     parse_time,
     presented_key,
 )
-from pyproxy.gateway.usage import MAX_JSON_BODY, UsageMeter, last_usage_member
+from pyproxy.gateway.usage import MAX_JSON_BODY, UsageMeter, usage_member_at
 from tests.support.gateway import gateway_settings
 
 SSE = [(b"content-type", b"text/event-stream")]
@@ -264,10 +264,10 @@ def test_an_estimate_counts_prompt_bytes_and_the_completion_asked_for() -> None:
 
 
 def test_reset_durations_read_like_openais() -> None:
-    assert gcra.duration_text(0.0201) == "21ms"
-    assert gcra.duration_text(1.0) == "1s"
-    assert gcra.duration_text(1.5) == "1.5s"
-    assert gcra.duration_text(360) == "6m0s"
+    assert gcra.duration_bytes(0.0201) == b"21ms"
+    assert gcra.duration_bytes(1.0) == b"1s"
+    assert gcra.duration_bytes(1.5) == b"1.5s"
+    assert gcra.duration_bytes(360) == b"6m0s"
 
 
 # --- usage ---------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def test_responses_not_read_for_usage() -> None:
     ],
 )  # fmt: skip
 def test_the_usage_object_is_parsed_alone_when_it_can_be_isolated(body: bytes, isolated: object, expected) -> None:
-    found = last_usage_member(body)
+    found = usage_member_at(body, body.rfind(b'"usage"'))
     if isolated is True:
         assert found == json.loads(body)["usage"]
     elif isolated is False:
