@@ -312,6 +312,13 @@ OPTIONS: Tuple[Option, ...] = (
         metavar="S",
     ),
     Option(
+        "heap_release",
+        _bool,
+        True,
+        "after a burst of connections, give the heap's free memory back to the OS (glibc malloc_trim)",
+        metavar="BOOL",
+    ),
+    Option(
         "header_timeout",
         _positive_float,
         10.0,
@@ -510,6 +517,7 @@ class Settings:
     max_body_size: int = 100 * 1024 * 1024
     max_header_size: int = 64 * 1024
     client_timeout: float = 60.0
+    heap_release: bool = True
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     body_min_rate: int = 1024

@@ -24,6 +24,7 @@ from pyproxy.health import UpstreamProbe
 from pyproxy.http.messages import RequestHead
 from pyproxy.metrics import RequestMetrics, snapshot
 from pyproxy.routing import Endpoints
+from pyproxy.server.heap import HeapReleaser
 from pyproxy.server.idle import IdleSweeper, tick_for
 from pyproxy.server.protocol import BufferedClientConnection, ClientConnection
 from pyproxy.upstream.pool import ConnectionPool
@@ -64,6 +65,7 @@ class Proxy:
         self.metrics = RequestMetrics()
         # Idle and busy connections' --client-timeout deadlines, on one timer.
         self.idle = IdleSweeper(self.loop, tick_for(settings.client_timeout))
+        self.heap = HeapReleaser(self.loop)  # counts connection churn; started if --heap-release
         self.endpoints = Endpoints(settings)
         self.handler = Handler(settings, self.pool, self.cache, self.coalescer, self.metrics, self.gateway)
         self.gateway_checks = GatewayChecks(self.gateway, settings) if self.gateway is not None else None
@@ -118,6 +120,8 @@ class Proxy:
             self.probe.start()
         if self.gateway_checks is not None:  # they bring ejected upstreams back: every worker runs them
             self.gateway_checks.start()
+        if settings.heap_release:
+            self.heap.start()
         if self.gateway is not None and self.gateway.admission is not None:
             self.gateway.admission.start()  # every worker watches the keys file itself
 
@@ -186,11 +190,13 @@ class Proxy:
     def connection_opened(self, conn: ClientConnection) -> None:
         self._setting_up -= 1
         self.connections.add(conn)
+        self.heap.churn += 1
         if self._drain_grace is not None:  # accepted before stop(), set up after it
             conn.begin_drain(self._drain_grace)
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
+        self.heap.churn += 1
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
 
@@ -253,6 +259,7 @@ class Proxy:
             await asyncio.sleep(0.001)
 
     async def _stop_aux(self) -> None:
+        self.heap.stop()
         await self.probe.stop()
         if self.gateway_checks is not None:
             await self.gateway_checks.stop()

@@ -444,3 +444,22 @@ async def test_durations_have_sub_millisecond_resolution_on_every_loop() -> None
         # to microseconds, as before, made it 1 in 1000 and failed a PyPy run).
         off_ms_grid = abs(total * 1000 - round(total * 1000))
         assert total > 0 and off_ms_grid > 1e-6, total
+
+
+async def test_a_burst_of_connections_is_followed_by_one_heap_release() -> None:
+    async with Origin() as origin, running_proxy(origin.url) as proxy:
+        heap = proxy.heap
+        assert heap.started
+        heap.stop()
+        heap.interval, heap.burst = 0.05, 40  # a small burst, looked at often
+        heap.start()
+        for _ in range(25):  # 25 connections opened and closed: 50 of churn
+            assert (await request(proxy.port, b"GET", b"/v1/models")).status == 200
+        await wait_until(lambda: heap.releases == 1, timeout=10.0)
+        assert heap.churn >= 50
+
+
+async def test_heap_release_off_never_looks() -> None:
+    async with Origin() as origin, running_proxy(origin.url, heap_release=False) as proxy:
+        assert (await request(proxy.port, b"GET", b"/v1/models")).status == 200
+        assert not proxy.heap.started and proxy.heap.releases == 0
