@@ -115,8 +115,11 @@ def configure_logging(level: str) -> None:
 
 async def serve(settings: Settings) -> None:
     from pyproxy.proxy import Proxy
+    from pyproxy.warmup import warm_up_logged
 
     loop = asyncio.get_running_loop()
+    if settings.warmup:  # before the address is bound: not ready until warm
+        await warm_up_logged(settings.warmup)
     proxy = Proxy(settings, loop)
     await proxy.start()
     stop = asyncio.Event()
@@ -157,8 +160,11 @@ async def serve_worker(settings: Settings, listen_fd: int, control_fd: int) -> N
 
     from pyproxy.proxy import Proxy
     from pyproxy.supervisor import serve_control
+    from pyproxy.warmup import warm_up_logged
 
     loop = asyncio.get_running_loop()
+    if settings.warmup:  # clients wait in the shared socket's backlog meanwhile, or reach a warm worker
+        await warm_up_logged(settings.warmup)
     proxy = Proxy(settings, loop)
     sock = socket.socket(fileno=listen_fd)
     await proxy.start(sock=sock, admin=False)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
-from pyproxy._compat import LOOP_CHOICES, MissingDependency, require
+from pyproxy._compat import IS_PYPY, LOOP_CHOICES, MissingDependency, require
 from pyproxy.gateway.config import GatewayConfig, GatewayConfigError, parse_gateway
 from pyproxy.rules import (
     ANY_METHOD,
@@ -198,6 +198,25 @@ def _seconds_or_off(value: Any) -> Optional[float]:
     return _positive_float(value)
 
 
+# PyPy interprets a code path until it has run it often enough to compile it: a
+# fresh process warms up on loopback traffic of its own first (pyproxy/warmup.py).
+# CPython has nothing to warm.
+WARMUP_AUTO = 2.0 if IS_PYPY else 0.0
+WARMUP_MAX = 60.0
+
+
+def _warmup(value: Any) -> float:
+    text = str(value).strip().lower()
+    if text == "auto":
+        return WARMUP_AUTO
+    if text in ("off", "false", "0"):
+        return 0.0
+    seconds = _positive_float(value)
+    if seconds > WARMUP_MAX:
+        raise ConfigError(f"at most {WARMUP_MAX:.0f} seconds, got {value!r}")
+    return seconds
+
+
 def _listen_or_off(value: Any) -> Optional[Tuple[str, int]]:
     text = str(value)
     return None if text.lower() == "off" else parse_listen(text)
@@ -317,6 +336,13 @@ OPTIONS: Tuple[Option, ...] = (
         True,
         "after a burst of connections, give the heap's free memory back to the OS (glibc malloc_trim)",
         metavar="BOOL",
+    ),
+    Option(
+        "warmup",
+        _warmup,
+        WARMUP_AUTO,
+        "seconds of loopback traffic relayed before listening, to warm PyPy's JIT (auto: 2 on PyPy, off on CPython)",
+        metavar="S|auto|off",
     ),
     Option(
         "header_timeout",
@@ -518,6 +544,7 @@ class Settings:
     max_header_size: int = 64 * 1024
     client_timeout: float = 60.0
     heap_release: bool = True
+    warmup: float = WARMUP_AUTO
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     body_min_rate: int = 1024

@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def _env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYPROXY_") and not k.startswith("HTTP_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    # Dozens of processes start here: not one of them warms PyPy's JIT for 2 s
+    # (test_warmup_runs_before_listening does, and every path of it is tested there).
+    env["PYPROXY_WARMUP"] = "off"
     env.update(extra or {})
     return env
 
@@ -60,6 +63,8 @@ BAD_OPTIONS: Dict[str, Tuple[List[str], Dict[str, str], str]] = {
     "bad_env": (["--upstream", "http://127.0.0.1:1"], {"PYPROXY_READ_TIMEOUT": "soon"}, "PYPROXY_READ_TIMEOUT"),
     "bad_env_alias": (["--upstream", "http://127.0.0.1:1"], {"HTTP_POOL_CONNECTIONS": "many"}, "HTTP_POOL_CONNECTIONS"),
     "missing_config": (["--config", "/nonexistent/pyproxy.toml"], {}, "--config"),
+    "warmup_too_long": (["--upstream", "http://127.0.0.1:1", "--warmup", "90"], {}, "--warmup"),
+    "warmup_not_seconds": (["--upstream", "http://127.0.0.1:1", "--warmup", "soon"], {}, "--warmup"),
     "admin_off_loopback_without_token": (
         ["--upstream", "http://127.0.0.1:1", "--admin-listen", "0.0.0.0:0"],
         {},
@@ -445,4 +450,20 @@ async def test_sighup_reloads_the_keys_file_in_one_process(tmp_path: Path) -> No
                 assert (await client.request(b"GET", b"/v1/models", auth)).status == 401
         finally:
             cli.process.terminate()
+            await cli.process.wait()
+
+
+async def test_warmup_runs_before_listening() -> None:
+    async with Origin() as origin:
+        cli = await start_cli("--upstream", origin.url, "--warmup", "0.3")
+        try:
+            warm = [line for line in cli.log if "warm-up:" in line]
+            assert warm, cli.log  # logged before "listening on"
+            relayed = int(re.search(r"warm-up: (\d+) requests relayed", warm[0]).group(1))  # type: ignore[union-attr]
+            assert relayed >= 3 * 250  # at least one whole round, every response a 200
+            assert origin.requests == []  # its own loopback origin, never the upstream
+            async with await Client.connect(cli.port) as client:
+                assert (await client.request(b"GET", b"/v1/models")).body == MODELS_BODY
+        finally:
+            cli.process.send_signal(signal.SIGTERM)
             await cli.process.wait()
