@@ -66,6 +66,10 @@ def start(name: str, workdir: Path, origin_port: int, sse_port: int, pypy: str) 
     # per instance: the active scenario starts its own instance on the SSE origin.
     argv = [exe, "-m", "pyproxy", "--upstream", f"http://127.0.0.1:{origin_port}", "--listen", f"127.0.0.1:{port}"]
     argv += ["--log-level", "warning", "--admin-listen", "off", *RELAY_ONLY]
+    # No JIT warm-up (PyPy's default): the heap it leaves free would take the first
+    # thousands of connections without growing, and the figures per connection would
+    # flatter. What the warm-up itself costs at start is measured apart (README, Memory).
+    argv += ["--warmup", "off"]
     return Service(name, argv, port, TARGET_CORE)
 
 

@@ -20,9 +20,12 @@ interpreter has nothing to warm) and by rounds.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from typing import List, Optional, Tuple
+
+from pyproxy.server.heap import find_malloc_trim
 
 log = logging.getLogger("pyproxy")
 
@@ -165,6 +168,12 @@ async def warm_up_logged(seconds: float) -> None:
     except Exception as exc:  # pragma: no cover - loopback traffic of our own failing
         log.warning("warm-up failed (%s: %s); starting cold", type(exc).__name__, exc)
         return
+    # What the warm-up freed goes back now, when nobody waits for a pause: a full
+    # collection, then the heap's free pages to the OS (pyproxy/server/heap.py).
+    gc.collect()
+    trim = find_malloc_trim()
+    if trim is not None:
+        trim(0)
     log.info(
         "warm-up: %d requests relayed in %.1f s (%d rounds of %d connections)",
         ok,
