@@ -209,8 +209,13 @@ def _warmup(value: Any) -> float:
     text = str(value).strip().lower()
     if text == "auto":
         return WARMUP_AUTO
-    if text in ("off", "false", "0"):
+    if text in ("off", "false"):
         return 0.0
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass  # _positive_float says what is wrong
     seconds = _positive_float(value)
     if seconds > WARMUP_MAX:
         raise ConfigError(f"at most {WARMUP_MAX:.0f} seconds, got {value!r}")

@@ -25,7 +25,7 @@ import logging
 import time
 from typing import List, Optional, Tuple
 
-from pyproxy.server.heap import find_malloc_trim
+from pyproxy.server.heap import trim_heap
 
 log = logging.getLogger("pyproxy")
 
@@ -171,9 +171,7 @@ async def warm_up_logged(seconds: float) -> None:
     # What the warm-up freed goes back now, when nobody waits for a pause: a full
     # collection, then the heap's free pages to the OS (pyproxy/server/heap.py).
     gc.collect()
-    trim = find_malloc_trim()
-    if trim is not None:
-        trim(0)
+    trim_heap()
     log.info(
         "warm-up: %d requests relayed in %.1f s (%d rounds of %d connections)",
         ok,

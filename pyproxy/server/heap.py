@@ -58,11 +58,28 @@ def find_malloc_trim() -> Optional[Callable[[int], int]]:
     return trim  # type: ignore[no-any-return]
 
 
+_malloc_trim: Optional[Callable[[int], int]] = None
+_looked_up = False
+
+
+def trim_heap() -> bool:
+    """``malloc_trim(0)``: the heap's free pages back to the OS; False where there is
+    no such call. ctypes is loaded at the first call, not at start-up."""
+    global _malloc_trim, _looked_up
+    if not _looked_up:
+        _looked_up = True
+        _malloc_trim = find_malloc_trim()
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True
+
+
 class HeapReleaser:
     def __init__(
         self,
         loop: "asyncio.AbstractEventLoop",
-        trim: Optional[Callable[[int], int]] = None,
+        trim: Callable[[], bool] = trim_heap,
         interval: float = INTERVAL,
         burst: int = BURST,
     ) -> None:
@@ -72,7 +89,6 @@ class HeapReleaser:
         self.churn = 0  # connections opened or closed: the protocol's one cost is this increment
         self.releases = 0
         self._trim = trim
-        self._resolved = trim is not None
         self._seen = 0  # churn at the last look
         self._released_at = 0  # churn at the last release
         self._timer: Optional["asyncio.TimerHandle"] = None
@@ -100,12 +116,8 @@ class HeapReleaser:
             self.release()
 
     def release(self) -> None:
-        if not self._resolved:  # ctypes loaded at the first burst, not at start-up
-            self._resolved = True
-            self._trim = find_malloc_trim()
-        if self._trim is None:
-            return
         started = time.perf_counter()
-        self._trim(0)
+        if not self._trim():
+            return
         self.releases += 1
         log.debug("heap: free memory returned to the OS in %.1f ms", (time.perf_counter() - started) * 1000)

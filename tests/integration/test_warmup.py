@@ -19,7 +19,7 @@ async def test_relays_whole_rounds_and_leaves_nothing_running() -> None:
 
 def test_auto_warms_pypy_only_and_bounds_are_checked() -> None:
     assert _warmup("auto") == WARMUP_AUTO == (2.0 if IS_PYPY else 0.0)
-    assert _warmup("off") == 0.0 and _warmup("1.5") == 1.5
+    assert _warmup("off") == _warmup("0") == _warmup("0.0") == 0.0 and _warmup("1.5") == 1.5
     for bad in ("61", "-1", "soon"):
         try:
             _warmup(bad)

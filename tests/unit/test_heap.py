@@ -21,7 +21,7 @@ def test_due_after_a_burst_once_it_is_over() -> None:
 def test_steady_churn_never_releases_and_a_quiet_process_releases_once() -> None:
     loop = ManualLoop()
     trims: List[int] = []
-    heap = HeapReleaser(loop, trim=lambda pad: trims.append(pad) or 1, interval=1.0, burst=1000)  # type: ignore[arg-type]
+    heap = HeapReleaser(loop, trim=lambda: trims.append(0) or True, interval=1.0, burst=1000)  # type: ignore[arg-type]
     heap.start()
     for second in range(1, 31):  # 600 connections a second, for 30 s: steady load, no burst ending
         heap.churn += 600
@@ -47,8 +47,7 @@ def test_steady_churn_never_releases_and_a_quiet_process_releases_once() -> None
 
 def test_where_there_is_no_malloc_trim_nothing_is_called() -> None:
     loop = ManualLoop()
-    heap = HeapReleaser(loop, interval=1.0, burst=1)  # type: ignore[arg-type]
-    heap._resolved, heap._trim = True, None  # as on musl or macOS
+    heap = HeapReleaser(loop, trim=lambda: False, interval=1.0, burst=1)  # type: ignore[arg-type]  # musl, macOS
     heap.start()
     heap.churn += 5
     loop.advance(2.0)
